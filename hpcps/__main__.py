@@ -1,0 +1,5 @@
+import sys
+
+from hpcps.cli import main
+
+sys.exit(main())

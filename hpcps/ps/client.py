@@ -1,0 +1,212 @@
+"""Worker side of the parameter server: ``pull`` and ``push`` return handles,
+``wait(handle)`` completes them (ps-lite style).
+
+push: for every server, wait until this worker's slot there is empty, ``Put``
+the encoded payload, ``Flush`` (remote completion), then set the slot flag with
+an atomic REPLACE. The flag is written only after the data is complete at the
+target, so a server that sees the flag sees the whole push.
+
+Overlap: ``grad_ready(lo, hi)`` is called by backward as gradient ranges become
+final (last layers first). A plain fp32 shard gets its bytes ``Put`` right away,
+bucket by bucket; an encoded shard is encoded and sent as soon as its whole
+range is final. Only the header, the flush and the flag wait for backward's end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hpcps.errors import EXIT_PEER_DEAD
+from hpcps.ps import control as C
+from hpcps.ps.codec import ErrorFeedback
+from hpcps.ps.control import f2i
+from hpcps.ps.wait import Backoff, Every, PeerWatch
+from hpcps.ps.windows import SLOT_HEADER, Header
+from hpcps.runtime.mpi import abort, mpi, say
+
+
+@dataclass
+class PullHandle:
+    step: int
+    locked: list = field(default_factory=list)
+    requests: list = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class PushHandle:
+    step: int
+    done: bool = False
+
+
+class PSClient:
+    def __init__(self, *, cfg, roles, wins, ranges, codecs, params):
+        self.cfg, self.roles, self.wins = cfg, roles, wins
+        self.ranges, self.codecs = ranges, codecs
+        self.params = params                      # host fp32 [P]: pulls land here
+        self.mode = roles.mode
+        self.w = roles.worker_index
+        self.servers = roles.servers
+        self.S = len(self.servers)
+        self.L = wins.ctl_layout
+        self.send = [np.zeros(SLOT_HEADER + c.max_payload_bytes, dtype=np.uint8) for c in codecs]
+        self.feedback = ([ErrorFeedback(c) for c in codecs]
+                         if cfg.ps.error_feedback and cfg.ps.compression != "none" else None)
+        self.pulled_version = [0] * self.S
+        self.watch = PeerWatch(range(self.S), cfg.ps.heartbeat_timeout, cfg.ps.dead_timeout)
+        self.watch_tick = Every(0.5)
+        self.beat = Every(0.2)
+        self.bytes_pushed = 0
+        self.bytes_pulled = 0
+        self._ready = [0] * self.S
+        self._sent = [False] * self.S
+        self._nbytes = [0] * self.S
+        self._grads = None
+        self._touched = None
+        self.overlap = cfg.ps.overlap
+
+    # -- liveness --------------------------------------------------------------------
+    def duties(self) -> None:
+        """Heartbeat to the coordinator; watch the servers this worker waits on."""
+        now = time.monotonic()
+        if self.beat.due(now):
+            self.wins.add(self.servers[0], self.L.worker_hb + self.w, 1)
+        if self.watch_tick.due(now):
+            for s, rank in enumerate(self.servers):
+                state = self.watch.observe(s, self.wins.read(rank, C.HEARTBEAT), now)
+                if state == "silent":
+                    say(f"hpcps: warning: server rank {rank} ({self.roles.hosts[rank]}) silent for "
+                        f"{self.watch.silent_for(s, now):.1f} s", rank=self.roles.world_rank)
+                if self.watch.is_dead(s, now):
+                    abort(self.roles.comm, EXIT_PEER_DEAD,
+                          f"server rank {rank} ({self.roles.hosts[rank]}) silent for "
+                          f"{self.watch.silent_for(s, now):.0f} s (ps.dead_timeout = "
+                          f"{self.cfg.ps.dead_timeout:g}); aborting the job")
+
+    def wait_until(self, condition, backoff: Backoff | None = None) -> None:
+        backoff = backoff or Backoff()
+        while not condition():
+            self.duties()
+            backoff.pause()
+
+    # -- pull ------------------------------------------------------------------------
+    def pull(self, step: int) -> PullHandle:
+        """Start fetching every shard; in bsp a shard is fetched once it holds step ``step``."""
+        handle = PullHandle(step)
+        pending = list(range(self.S))
+        backoff = Backoff()
+        while pending:
+            still = []
+            for s in pending:
+                if self.mode == "bsp" and self.wins.read(self.servers[s], C.VERSION) < step:
+                    still.append(s)
+                    continue
+                self._start_get(s, handle)
+            pending = still
+            if pending:
+                self.duties()
+                backoff.pause()
+        return handle
+
+    def _start_get(self, s: int, handle: PullHandle) -> None:
+        MPI = mpi()
+        rank = self.servers[s]
+        lo, hi = self.ranges[s]
+        win = self.wins.params
+        win.Lock(rank, MPI.LOCK_SHARED)
+        # the server bumps VERSION inside its exclusive epoch: this read matches the data
+        self.pulled_version[s] = self.wins.read(rank, C.VERSION)
+        handle.requests.append(win.Rget([self.params[lo:hi], MPI.FLOAT], rank))
+        handle.locked.append(rank)
+        self.bytes_pulled += (hi - lo) * 4
+
+    def wait(self, handle) -> None:
+        if handle.done:
+            return
+        if isinstance(handle, PullHandle):
+            mpi().Request.Waitall(handle.requests)
+            for rank in handle.locked:
+                self.wins.params.Unlock(rank)
+        handle.done = True
+
+    # -- push ------------------------------------------------------------------------
+    def begin_step(self, grads: np.ndarray, touched: dict | None) -> None:
+        """Called before backward: where gradients will appear and which rows a batch touched."""
+        self._grads, self._touched = grads, touched
+        self._ready = [0] * self.S
+        self._sent = [False] * self.S
+        self._slot_free = [None] * self.S
+
+    def grad_ready(self, lo: int, hi: int) -> None:
+        """Backward finished gradient range [lo, hi): send what can already be sent."""
+        if not self.overlap or self._grads is None:
+            return
+        for s, (a, b) in enumerate(self.ranges):
+            x, y = max(a, lo), min(b, hi)
+            if x >= y or self._sent[s]:
+                continue
+            if not self._slot_is_free(s):
+                continue
+            plain = self.codecs[s].is_plain_dense and self.feedback is None
+            if plain:  # the payload is the gradient itself: put this bucket now
+                self._put_bytes(s, SLOT_HEADER + (x - a) * 4, self._grads[x:y])
+            self._ready[s] += y - x
+            if self._ready[s] == b - a:
+                if plain:
+                    self._nbytes[s] = (b - a) * 4
+                else:
+                    self._encode_and_put(s)
+                self._sent[s] = True
+
+    def _slot_is_free(self, s: int) -> bool:
+        if self._slot_free[s] is None:
+            rank = self.servers[s]
+            self._slot_free[s] = self.wins.read(rank, self.L.slot_state + self.w) == 0
+        return self._slot_free[s]
+
+    def _put_bytes(self, s: int, offset: int, values: np.ndarray) -> None:
+        rank = self.servers[s]
+        target = self.wins.slot_offset(s, self.w) + offset
+        self.wins.slots.Put([values, mpi().BYTE], rank, (target, values.nbytes, mpi().BYTE))
+
+    def _encode_and_put(self, s: int) -> None:
+        lo, hi = self.ranges[s]
+        grad = self._grads[lo:hi]
+        payload = self.send[s][SLOT_HEADER:]
+        touched = self._shard_touched()
+        if self.feedback is not None:
+            nbytes = self.feedback[s].encode(grad, payload, touched)
+        else:
+            nbytes = self.codecs[s].encode(grad, payload, touched)
+        self._nbytes[s] = nbytes
+        self._put_bytes(s, SLOT_HEADER, payload[:nbytes])
+
+    def _shard_touched(self):
+        return self._touched if self.cfg.ps.sparse_embedding else None
+
+    def push(self, step: int, *, weight: float, loss: float, scale: float) -> PushHandle:
+        """Send what ``grad_ready`` has not sent yet, then headers and flags."""
+        header = np.zeros(SLOT_HEADER // 8, dtype=np.int64)
+        for s, rank in enumerate(self.servers):
+            if not self._sent[s]:
+                self.wait_until(lambda r=rank: self.wins.read(r, self.L.slot_state + self.w) == 0)
+                self._encode_and_put(s)
+                self._sent[s] = True
+            header[Header.STEP] = step
+            header[Header.PULLED_VERSION] = self.pulled_version[s]
+            header[Header.NBYTES] = self._nbytes[s]
+            header[Header.WEIGHT] = f2i(weight)
+            header[Header.LOSS] = f2i(loss)
+            header[Header.CLOCK] = step + 1
+            header[Header.SCALE] = f2i(scale)
+            self._put_bytes(s, 0, header.view(np.uint8).copy())
+            self.bytes_pushed += SLOT_HEADER + self._nbytes[s]
+        for s, rank in enumerate(self.servers):
+            self.wins.slots.Flush(rank)  # payload complete at the target ...
+            self.wins.write(rank, self.L.slot_state + self.w, 1)  # ... before the flag says so
+        self.wins.write(self.servers[0], self.L.clock + self.w, step + 1)
+        self._grads = None
+        return PushHandle(step, done=True)

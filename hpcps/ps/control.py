@@ -1,0 +1,52 @@
+"""Layout of the int64 control window every server exposes (see docs/protocol.md).
+
+All servers use the same layout; the per-worker coordination words (clocks,
+heartbeats, stop proposals, parking) are only used on the *coordinator*, server 0.
+Every access to these words is an MPI atomic (``Fetch_and_op``,
+``Get_accumulate(NO_OP)``, ``Accumulate(REPLACE/SUM)``), from remote ranks and
+from the owning server alike, so no read is torn and no increment is lost.
+"""
+
+from __future__ import annotations
+
+import struct
+
+HIST_BINS = 64  # staleness histogram: bins 0..62 exact, 63 = ">= 63"
+
+# scalar words
+VERSION = 0          # updates applied to this shard (bsp: steps completed)
+HEARTBEAT = 1        # bumped by the owning server while it runs
+STOP_REQUEST = 2     # coordinator: set to 1 by any rank that got SIGUSR1/SIGTERM
+SYNC_EPOCH = 3       # coordinator: bumped when every live worker is parked
+LAST_LOSS = 4        # float64 bits: bsp weighted mean loss of the last step
+LAST_NORM = 5        # float64 bits: bsp global gradient norm of the last step
+LAST_STEP = 6        # step that LAST_LOSS / LAST_NORM belong to
+APPLIED = 7          # pushes applied (all modes)
+N_SCALARS = 8
+
+
+class ControlLayout:
+    def __init__(self, n_workers: int):
+        w = n_workers
+        self.n_workers = w
+        self.slot_state = N_SCALARS              # [w] 0 empty / 1 full (every server)
+        self.clock = self.slot_state + w         # [w] coordinator: steps pushed by worker
+        self.worker_hb = self.clock + w          # [w] coordinator: worker heartbeats
+        self.excluded = self.worker_hb + w       # [w] coordinator: 1 while a worker is silent
+        self.proposal = self.excluded + w        # [w] coordinator: stop proposal (step + 1)
+        self.parked = self.proposal + w          # [w] coordinator: parked at step + 1
+        self.hist = self.parked + w              # [HIST_BINS] staleness histogram of this shard
+        self.size = self.hist + HIST_BINS
+
+    # the block a worker reads once per step from the coordinator
+    @property
+    def coord_block(self) -> tuple[int, int]:
+        return STOP_REQUEST, self.parked + self.n_workers
+
+
+def f2i(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def i2f(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(bits)))[0]

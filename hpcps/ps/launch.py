@@ -1,0 +1,123 @@
+"""Start the parameter server: shard the flat buffer, allocate the windows, run
+each rank's role (server loop or worker trainer) until the end or a stop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from hpcps.errors import EXIT_OK, EXIT_REQUEUE
+from hpcps.optim import make_optimizer
+from hpcps.optim.schedule import lr_schedule
+from hpcps.ps.codec import ShardCodec
+from hpcps.ps.server import Server, server_memory_bytes
+from hpcps.ps.sharding import shard_ranges
+from hpcps.ps.windows import PSWindows
+from hpcps.ps.worker_sync import PSSync, sync_collective
+
+
+def _memory_report(s, wins, ranges) -> None:
+    """Every rank's resident bytes for the PS, printed by rank 0 as one table."""
+    roles = s.roles
+    P = s.workload.layout.total
+    if roles.is_server:
+        lo, hi = ranges[roles.server_index]
+        nbytes = server_memory_bytes(hi - lo, roles.n_workers, wins.strides[roles.server_index],
+                                     s.cfg.train.optimizer)
+    else:
+        feedback = s.cfg.ps.error_feedback and s.cfg.ps.compression != "none"
+        nbytes = P * 4 * (2 + (2 if feedback else 0)) + sum(wins.strides)
+    table = roles.comm.gather((roles.world_rank, "server" if roles.is_server else "worker", nbytes),
+                              root=0)
+    if roles.world_rank == 0 and not s.quiet:
+        parts = [f"r{r}:{kind[0]}={b / 2**20:.1f}MiB" for r, kind, b in table]
+        print(f"memory per rank (params/state/buffers): {' '.join(parts)}", flush=True)
+
+
+def run_parameter_server(s, quiet: bool) -> int:
+    s.quiet = quiet
+    cfg, roles, layout = s.cfg, s.roles, s.workload.layout
+    ranges = shard_ranges(layout.total, roles.n_servers)
+    codecs = [ShardCodec(layout, lo, hi, cfg.ps.compression, cfg.ps.topk_ratio,
+                         cfg.ps.sparse_embedding) for lo, hi in ranges]
+    wins = PSWindows(roles.comm, roles, ranges, [c.max_payload_bytes for c in codecs])
+    if roles.world_rank == roles.lead_worker and not quiet:
+        from hpcps.train.run import _banner
+        _banner(s, f"shards: {[hi - lo for lo, hi in ranges]} elements; push encoding "
+                   f"{cfg.ps.compression}")
+    _memory_report(s, wins, ranges)
+    if roles.is_server:
+        code = _serve(s, wins, ranges, codecs)
+    else:
+        code = _work(s, wins, ranges, codecs, quiet)
+    roles.comm.Barrier()
+    wins.free()
+    if s.checkpointer is not None:
+        s.checkpointer.close()
+    return code
+
+
+def _serve(s, wins, ranges, codecs) -> int:
+    cfg, roles, layout = s.cfg, s.roles, s.workload.layout
+    index = roles.server_index
+    lo, hi = ranges[index]
+    opt = make_optimizer(cfg, hi - lo, layout.decay_ranges(lo, hi))
+    if s.resume is not None:
+        state = s.resume.load_shard(lo, hi)
+        opt.load_state(state)
+        params, version = state["params"], int(state["version"])
+    else:
+        params, version = layout.init_slice(cfg.train.seed, lo, hi), 0
+    server = Server(cfg=cfg, roles=roles, wins=wins, codec=codecs[index], optimizer=opt,
+                    lr_fn=lr_schedule(cfg), params_init=params, version=version)
+    roles.comm.Barrier()  # shards hold their initial params before any worker pulls
+
+    def shard_state():
+        return lo, hi, server.snapshot()
+    while True:
+        server.serve_until_sync()
+        reason = sync_collective(roles, wins, None, s.checkpointer, shard=shard_state)
+        server.sync_open = False
+        if reason["stop"]:
+            return EXIT_REQUEUE
+        if reason["end"]:
+            return EXIT_OK
+
+
+def _work(s, wins, ranges, codecs, quiet: bool) -> int:
+    from hpcps.train.loop import Trainer
+    from hpcps.train.run import _straggle, make_lead_io, measure_peak_flops
+    cfg, roles, layout = s.cfg, s.roles, s.workload.layout
+    params = np.zeros(layout.total, dtype=np.float32)
+    grads = layout.new_buffer()
+    sync = PSSync(cfg=cfg, roles=roles, wins=wins, ranges=ranges, codecs=codecs, layout=layout,
+                  params=params, checkpointer=s.checkpointer)
+    pending = None
+    if s.resume is not None:
+        state = s.resume.load_worker(roles.worker_index, roles.n_workers)
+        pending = json.loads(state["pending_record"]) if state.get("pending_record") else None
+        residual = state.get("residual")
+        if sync.client.feedback is not None and residual is not None and len(residual) == layout.total:
+            for fb, (lo, hi) in zip(sync.client.feedback, ranges):
+                fb.residual[:] = residual[lo:hi]
+
+    def extra_state():
+        if sync.client.feedback is None:
+            return {}
+        return {"residual": np.concatenate([fb.residual for fb in sync.client.feedback])}
+    lead = roles.world_rank == roles.lead_worker
+    writer = progress = None
+    if lead:
+        writer, progress = make_lead_io(s, quiet)
+    peak = cfg.train.peak_flops or (measure_peak_flops() if lead else 0.0)
+    trainer = Trainer(cfg=cfg, roles=roles, workload=s.workload, sync=sync, params=params,
+                      grads=grads, lr_fn=lr_schedule(cfg),
+                      start_step=s.resume.step if s.resume else 0, writer=writer,
+                      progress=progress, pending_record=pending, peak_flops=peak,
+                      straggle=_straggle(cfg, roles.world_rank), extra_worker_state=extra_state)
+    roles.comm.Barrier()  # matches the servers' barrier after initialising their shards
+    code = trainer.run()
+    if writer is not None:
+        writer.close()
+    return code

@@ -1,0 +1,78 @@
+"""Waiting without burning a core, and noticing peers that went silent.
+
+Every wait in the parameter server is a poll loop: check a condition through
+MPI atomics, do periodic duties (heartbeat, peer watch), then back off: a few
+yields, then sleeps doubling up to ``cap``. An idle server or a worker waiting
+for a BSP step therefore uses a few percent of a core, not all of it.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class Backoff:
+    def __init__(self, cap: float = 0.0005, spins: int = 4):
+        self.cap = cap
+        self.spins = spins
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.delay = 2e-5
+
+    def pause(self) -> None:
+        self.count += 1
+        if self.count <= self.spins:
+            time.sleep(0)  # yield the core to a compute process sharing it
+            return
+        time.sleep(self.delay)
+        self.delay = min(self.cap, self.delay * 2)
+
+
+class Every:
+    """True at most once per ``period`` seconds (cheap periodic duties in hot loops)."""
+
+    def __init__(self, period: float):
+        self.period = period
+        self.next = 0.0
+
+    def due(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if now >= self.next:
+            self.next = now + self.period
+            return True
+        return False
+
+
+class PeerWatch:
+    """Last time each peer's heartbeat counter changed, in local monotonic time."""
+
+    def __init__(self, peers, warn_after: float, dead_after: float):
+        now = time.monotonic()
+        self.warn_after, self.dead_after = warn_after, dead_after
+        self.last_value = {p: None for p in peers}
+        self.last_change = {p: now for p in peers}
+        self.silent: set = set()
+
+    def observe(self, peer, value: int, now: float | None = None) -> str:
+        """'ok', 'silent' (newly past warn_after), 'back' (silent peer spoke again), or ''."""
+        now = time.monotonic() if now is None else now
+        if value != self.last_value[peer]:
+            self.last_value[peer] = value
+            self.last_change[peer] = now
+            if peer in self.silent:
+                self.silent.discard(peer)
+                return "back"
+            return "ok"
+        if peer not in self.silent and now - self.last_change[peer] > self.warn_after:
+            self.silent.add(peer)
+            return "silent"
+        return ""
+
+    def silent_for(self, peer, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        return now - self.last_change[peer]
+
+    def is_dead(self, peer, now: float | None = None) -> bool:
+        return self.silent_for(peer, now) > self.dead_after

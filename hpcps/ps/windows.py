@@ -1,0 +1,119 @@
+"""The three MPI windows of the parameter server and the atomic helpers on them.
+
+Every window comes from ``MPI.Win.Allocate`` (collective over the world; only
+servers give it memory). With Open MPI a ``Win.Create`` window stalls remote
+accumulates while the target computes; allocated windows do not.
+
+- ``params``  fp32 [shard]: workers ``Get`` under ``Lock(SHARED)``; the owner
+  updates it under ``Lock(EXCLUSIVE, self)``, so a pull never sees half an update.
+- ``slots``   bytes [W x slot]: worker w ``Put``s its encoded push into slot w.
+- ``ctl``     int64 [ControlLayout.size]: versions, flags, clocks, heartbeats.
+
+``slots`` and ``ctl`` stay in one ``Lock_all`` passive epoch for the whole run;
+``Flush`` completes each operation at the target before the next one is issued.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpcps.ps.control import ControlLayout
+from hpcps.runtime.mpi import mpi
+
+SLOT_HEADER = 64           # bytes: 8 x int64 (see Header)
+ALIGN = 64
+
+
+class Header:
+    """int64 words at the start of a slot."""
+    STEP, PULLED_VERSION, NBYTES, WEIGHT, LOSS, CLOCK, SCALE = range(7)
+
+
+def slot_stride(max_payload: int) -> int:
+    size = SLOT_HEADER + max_payload
+    return (size + ALIGN - 1) // ALIGN * ALIGN
+
+
+class PSWindows:
+    def __init__(self, comm, roles, ranges, max_payloads):
+        MPI = mpi()
+        self.MPI = MPI
+        self.comm = comm
+        self.roles = roles
+        self.ranges = ranges
+        self.ctl_layout = ControlLayout(roles.n_workers)
+        self.strides = [slot_stride(p) for p in max_payloads]
+        s = roles.server_index if roles.is_server else -1
+        n = ranges[s][1] - ranges[s][0] if s >= 0 else 0
+        W = roles.n_workers
+        self.params = MPI.Win.Allocate(n * 4, 4, comm=comm)
+        self.slots = MPI.Win.Allocate(W * self.strides[s] if s >= 0 else 0, 1, comm=comm)
+        # MPI's default accumulate_ops=same_op_no_op holds: every control word is written
+        # with one op only (REPLACE or SUM) and read with NO_OP (docs/protocol.md)
+        self.ctl = MPI.Win.Allocate(self.ctl_layout.size * 8 if s >= 0 else 0, 8, comm=comm)
+        self.local_params = np.frombuffer(self.params.tomemory(), dtype=np.float32) if s >= 0 else None
+        self.local_slots = np.frombuffer(self.slots.tomemory(), dtype=np.uint8) if s >= 0 else None
+        if s >= 0:
+            np.frombuffer(self.ctl.tomemory(), dtype=np.int64)[:] = 0
+        comm.Barrier()  # zeroed control words before anyone reads them
+        self.slots.Lock_all()
+        self.ctl.Lock_all()
+        self._word = np.zeros(1, dtype=np.int64)
+        self._result = np.zeros(1, dtype=np.int64)
+
+    # -- atomics on ctl ------------------------------------------------------------
+    def read(self, rank: int, index: int) -> int:
+        MPI = self.MPI
+        self.ctl.Fetch_and_op([self._word, MPI.INT64_T], [self._result, MPI.INT64_T], rank, index,
+                              MPI.NO_OP)
+        self.ctl.Flush(rank)
+        return int(self._result[0])
+
+    def read_block(self, rank: int, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        MPI = self.MPI
+        out = np.empty(hi - lo, dtype=np.int64) if out is None else out
+        self.ctl.Get_accumulate([out, MPI.INT64_T], [out, MPI.INT64_T], rank, (lo, hi - lo, MPI.INT64_T),
+                                op=MPI.NO_OP)
+        self.ctl.Flush(rank)
+        return out
+
+    def write(self, rank: int, index: int, value: int) -> None:
+        self._word[0] = value
+        self.ctl.Accumulate([self._word, self.MPI.INT64_T], rank, (index, 1, self.MPI.INT64_T),
+                            op=self.MPI.REPLACE)
+        self.ctl.Flush(rank)
+
+    def write_block(self, rank: int, lo: int, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=np.int64)
+        self.ctl.Accumulate([values, self.MPI.INT64_T], rank, (lo, len(values), self.MPI.INT64_T),
+                            op=self.MPI.REPLACE)
+        self.ctl.Flush(rank)
+
+    def add(self, rank: int, index: int, delta: int = 1) -> int:
+        """Atomic fetch-and-add; returns the old value."""
+        self._word[0] = delta
+        self.ctl.Fetch_and_op([self._word, self.MPI.INT64_T], [self._result, self.MPI.INT64_T], rank,
+                              index, self.MPI.SUM)
+        self.ctl.Flush(rank)
+        return int(self._result[0])
+
+    def add_block(self, rank: int, lo: int, deltas: np.ndarray) -> None:
+        deltas = np.ascontiguousarray(deltas, dtype=np.int64)
+        self.ctl.Accumulate([deltas, self.MPI.INT64_T], rank, (lo, len(deltas), self.MPI.INT64_T),
+                            op=self.MPI.SUM)
+        self.ctl.Flush(rank)
+
+    # -- slots ---------------------------------------------------------------------
+    def slot_offset(self, server_index: int, worker_index: int) -> int:
+        return worker_index * self.strides[server_index]
+
+    def local_slot(self, worker_index: int) -> np.ndarray:
+        s = self.roles.server_index
+        off = self.slot_offset(s, worker_index)
+        return self.local_slots[off:off + self.strides[s]]
+
+    def free(self) -> None:
+        self.slots.Unlock_all()
+        self.ctl.Unlock_all()
+        for win in (self.params, self.slots, self.ctl):
+            win.Free()

@@ -1,0 +1,107 @@
+"""metrics.jsonl (one record per step) and the progress line.
+
+On resume from step k the file is rewritten (atomically) without the records of
+steps > k, so it stays one record per step however often a job is restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str, resume_step: Optional[int]):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        os.makedirs(run_dir, exist_ok=True)
+        if resume_step is None:
+            mode = "w"
+        else:
+            self._truncate_after(resume_step)
+            mode = "a"
+        self.fh = open(self.path, mode, encoding="utf-8")
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a killed writer
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    kept.append(json.dumps(record) + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        clean = {k: _finite(v) for k, v in record.items()}
+        self.fh.write(json.dumps(clean) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Rank 0's progress line every ``log_every`` steps (stdout, plain text for batch logs)."""
+
+    def __init__(self, max_steps: int, log_every: int, quiet: bool, stream=None):
+        self.max_steps, self.log_every, self.quiet = max_steps, log_every, quiet
+        self.stream = stream or sys.stdout
+        self.started = time.monotonic()
+        self.first_step: Optional[int] = None
+
+    def step(self, record: dict) -> None:
+        step = record["step"]
+        if self.first_step is None:
+            self.first_step = step - 1
+            self.started = time.monotonic() - record.get("step_s", 0.0)
+        if self.quiet or not (step % self.log_every == 0 or step == self.max_steps
+                              or "val_loss" in record):
+            return
+        parts = [f"step {step}/{self.max_steps}", f"loss {record['loss']:.4f}"]
+        if "val_loss" in record:
+            parts.append(f"val {record['val_loss']:.4f}")
+        parts.append(f"lr {record['lr']:.2e}")
+        if record.get("grad_norm") is not None:
+            parts.append(f"gnorm {record['grad_norm']:.3f}")
+        parts.append(f"{record['tokens_per_s'] / 1000:.1f}k tok/s")
+        if record.get("mfu") is not None:
+            parts.append(f"mfu {100 * record['mfu']:.1f}%")
+        if "staleness_mean" in record:
+            parts.append(f"stale {record['staleness_mean']:.2f}/{record['staleness_max']}")
+        if "push_mb" in record:
+            parts.append(f"push {record['push_mb']:.2f}MB pull {record['pull_mb']:.2f}MB")
+        done = step - self.first_step
+        elapsed = time.monotonic() - self.started
+        if done > 0:
+            parts.append(f"eta {_fmt_duration(elapsed / done * (self.max_steps - step))}")
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=self.stream, flush=True)
