@@ -90,10 +90,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.quiet = quiet
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
     except UserError as err:
-        report_user_error(err)
-        return EXIT_USAGE
+        if getattr(err, "agreed_rank", 0) == 0:  # an error all ranks agreed on is printed once
+            report_user_error(err)
+        code = getattr(err, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:
         print("hpcps: interrupted", file=sys.stderr)
         return 130
+    _finalize_mpi()
+    return code
+
+
+def _finalize_mpi() -> None:
+    """Every rank returns here together (errors are agreed, the rest aborts), so finalize
+    now: otherwise `python -m mpi4py` turns a non-zero exit into MPI_Abort and its noise."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()

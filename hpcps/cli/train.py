@@ -8,7 +8,8 @@ EXAMPLE = ("mpirun -n 4 python -m mpi4py -m hpcps train configs/shakespeare_char
 
 def add_arguments(parser):
     parser.add_argument("config", help="TOML config file, or the name of one in configs/ "
-                        "(default, shakespeare_char, ...)")
+                        "(default, shakespeare_char, ...); omit it to start from the built-in "
+                        "defaults and give only key=value overrides")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override config keys, e.g. train.lr=3e-4 ps.mode=asp")
 
@@ -16,4 +17,8 @@ def add_arguments(parser):
 def run(args):
     from hpcps.cli._configs import resolve_config_path
     from hpcps.train.run import train_main
-    return train_main(resolve_config_path(args.config), args.overrides, quiet=args.quiet)
+    config, overrides = args.config, list(args.overrides)
+    if "=" in config and not config.endswith(".toml"):
+        config, overrides = None, [config] + overrides
+    return train_main(resolve_config_path(config) if config else None, overrides,
+                      quiet=args.quiet)

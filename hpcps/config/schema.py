@@ -68,7 +68,7 @@ def _straggler_check(value: str) -> Optional[str]:
 section("", "Run-wide settings.")
 field("out_dir", "str", "out", "Run directory: metrics.jsonl, config.toml, checkpoints/.")
 field("workload", "str", "gpt", "What to train.",
-      choices=("gpt", "bert", "seq2seq", "skipgram", "rnn"))
+      choices=("gpt", "bert", "seq2seq", "skipgram", "rnn", "synthetic"))
 field("device", "str", "cpu", "Array backend: cpu (NumPy) or gpu (CuPy, one GPU per worker).",
       choices=("cpu", "gpu"))
 
@@ -157,6 +157,12 @@ section("gpu", "GPU settings (device = gpu).")
 field("gpu.compute_dtype", "str", "fp32", "Matmul precision on the GPU; master weights stay fp32.",
       choices=("fp32", "tf32", "bf16"))
 field("gpu.share", "bool", False, "Allow more workers than GPUs on a node (they share devices).")
+
+# -- synthetic -------------------------------------------------------------------------
+section("synthetic", "A model-free workload with exact integer gradients (protocol tests, PS benchmarks).")
+field("synthetic.n_params", "int", 1_000_000, "Elements in the flat buffer.", min=1)
+field("synthetic.compute_ms", "float", 0.0, "Sleep per step, standing in for forward/backward.",
+      min=0.0)
 
 # workload sections register themselves on import
 from hpcps.config import workload_fields  # noqa: E402,F401

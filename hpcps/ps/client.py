@@ -24,7 +24,7 @@ from hpcps.ps import control as C
 from hpcps.ps.codec import ErrorFeedback
 from hpcps.ps.control import f2i
 from hpcps.ps.wait import Backoff, Every, PeerWatch
-from hpcps.ps.windows import SLOT_HEADER, Header
+from hpcps.ps.windows import G_PARAMS, SLOT_HEADER, Header
 from hpcps.runtime.mpi import abort, mpi, say
 
 
@@ -119,7 +119,8 @@ class PSClient:
         win.Lock(rank, MPI.LOCK_SHARED)
         # the server bumps VERSION inside its exclusive epoch: this read matches the data
         self.pulled_version[s] = self.wins.read(rank, C.VERSION)
-        handle.requests.append(win.Rget([self.params[lo:hi], MPI.FLOAT], rank))
+        handle.requests.append(win.Rget([self.params[lo:hi], MPI.FLOAT], rank,
+                                        (G_PARAMS, hi - lo, MPI.FLOAT)))
         handle.locked.append(rank)
         self.bytes_pulled += (hi - lo) * 4
 

@@ -52,6 +52,11 @@ def run_parameter_server(s, quiet: bool) -> int:
     else:
         code = _work(s, wins, ranges, codecs, quiet)
     roles.comm.Barrier()
+    if roles.is_server:
+        damaged = wins.check_guards()
+        if damaged:
+            raise RuntimeError(f"window guard regions overwritten on server {roles.server_index}: "
+                               f"{', '.join(damaged)} (an RMA write went out of bounds)")
     wins.free()
     if s.checkpointer is not None:
         s.checkpointer.close()

@@ -22,6 +22,11 @@ from hpcps.runtime.mpi import mpi
 
 SLOT_HEADER = 64           # bytes: 8 x int64 (see Header)
 ALIGN = 64
+GUARD_BYTES = 64           # sentinel bytes before and after every window buffer
+GUARD_BYTE = 0xA5
+G_PARAMS = GUARD_BYTES // 4  # guard size in each window's displacement unit
+G_SLOTS = GUARD_BYTES
+G_CTL = GUARD_BYTES // 8
 
 
 class Header:
@@ -46,16 +51,28 @@ class PSWindows:
         s = roles.server_index if roles.is_server else -1
         n = ranges[s][1] - ranges[s][0] if s >= 0 else 0
         W = roles.n_workers
-        self.params = MPI.Win.Allocate(n * 4, 4, comm=comm)
-        self.slots = MPI.Win.Allocate(W * self.strides[s] if s >= 0 else 0, 1, comm=comm)
+        # each buffer sits between two guard regions filled with a sentinel: a remote write
+        # that overruns its target range is caught by check_guards() (RMA displacements
+        # are shifted by the guard so callers never see it)
+        g = GUARD_BYTES
+        self.params = MPI.Win.Allocate(n * 4 + 2 * g if s >= 0 else 0, 4, comm=comm)
+        self.slots = MPI.Win.Allocate(W * self.strides[s] + 2 * g if s >= 0 else 0, 1, comm=comm)
         # MPI's default accumulate_ops=same_op_no_op holds: every control word is written
         # with one op only (REPLACE or SUM) and read with NO_OP (docs/protocol.md)
-        self.ctl = MPI.Win.Allocate(self.ctl_layout.size * 8 if s >= 0 else 0, 8, comm=comm)
-        self.local_params = np.frombuffer(self.params.tomemory(), dtype=np.float32) if s >= 0 else None
-        self.local_slots = np.frombuffer(self.slots.tomemory(), dtype=np.uint8) if s >= 0 else None
+        self.ctl = MPI.Win.Allocate(self.ctl_layout.size * 8 + 2 * g if s >= 0 else 0, 8, comm=comm)
+        self._raw = []
         if s >= 0:
-            np.frombuffer(self.ctl.tomemory(), dtype=np.int64)[:] = 0
-        comm.Barrier()  # zeroed control words before anyone reads them
+            for win in (self.params, self.slots, self.ctl):
+                raw = np.frombuffer(win.tomemory(), dtype=np.uint8)
+                raw[:g] = GUARD_BYTE
+                raw[len(raw) - g:] = GUARD_BYTE
+                self._raw.append(raw)
+            self.local_params = self._raw[0][g:len(self._raw[0]) - g].view(np.float32)
+            self.local_slots = self._raw[1][g:len(self._raw[1]) - g]
+            self._raw[2][g:len(self._raw[2]) - g].view(np.int64)[:] = 0
+        else:
+            self.local_params = self.local_slots = None
+        comm.Barrier()  # guards set and control words zeroed before anyone touches them
         self.slots.Lock_all()
         self.ctl.Lock_all()
         self._word = np.zeros(1, dtype=np.int64)
@@ -64,28 +81,31 @@ class PSWindows:
     # -- atomics on ctl ------------------------------------------------------------
     def read(self, rank: int, index: int) -> int:
         MPI = self.MPI
-        self.ctl.Fetch_and_op([self._word, MPI.INT64_T], [self._result, MPI.INT64_T], rank, index,
-                              MPI.NO_OP)
+        self.ctl.Fetch_and_op([self._word, MPI.INT64_T], [self._result, MPI.INT64_T], rank,
+                              G_CTL + index, MPI.NO_OP)
         self.ctl.Flush(rank)
         return int(self._result[0])
 
     def read_block(self, rank: int, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
         MPI = self.MPI
         out = np.empty(hi - lo, dtype=np.int64) if out is None else out
-        self.ctl.Get_accumulate([out, MPI.INT64_T], [out, MPI.INT64_T], rank, (lo, hi - lo, MPI.INT64_T),
+        self.ctl.Get_accumulate([out, MPI.INT64_T], [out, MPI.INT64_T], rank,
+                                (G_CTL + lo, hi - lo, MPI.INT64_T),
                                 op=MPI.NO_OP)
         self.ctl.Flush(rank)
         return out
 
     def write(self, rank: int, index: int, value: int) -> None:
         self._word[0] = value
-        self.ctl.Accumulate([self._word, self.MPI.INT64_T], rank, (index, 1, self.MPI.INT64_T),
+        self.ctl.Accumulate([self._word, self.MPI.INT64_T], rank,
+                            (G_CTL + index, 1, self.MPI.INT64_T),
                             op=self.MPI.REPLACE)
         self.ctl.Flush(rank)
 
     def write_block(self, rank: int, lo: int, values: np.ndarray) -> None:
         values = np.ascontiguousarray(values, dtype=np.int64)
-        self.ctl.Accumulate([values, self.MPI.INT64_T], rank, (lo, len(values), self.MPI.INT64_T),
+        self.ctl.Accumulate([values, self.MPI.INT64_T], rank,
+                            (G_CTL + lo, len(values), self.MPI.INT64_T),
                             op=self.MPI.REPLACE)
         self.ctl.Flush(rank)
 
@@ -93,24 +113,37 @@ class PSWindows:
         """Atomic fetch-and-add; returns the old value."""
         self._word[0] = delta
         self.ctl.Fetch_and_op([self._word, self.MPI.INT64_T], [self._result, self.MPI.INT64_T], rank,
-                              index, self.MPI.SUM)
+                              G_CTL + index, self.MPI.SUM)
         self.ctl.Flush(rank)
         return int(self._result[0])
 
     def add_block(self, rank: int, lo: int, deltas: np.ndarray) -> None:
         deltas = np.ascontiguousarray(deltas, dtype=np.int64)
-        self.ctl.Accumulate([deltas, self.MPI.INT64_T], rank, (lo, len(deltas), self.MPI.INT64_T),
+        self.ctl.Accumulate([deltas, self.MPI.INT64_T], rank,
+                            (G_CTL + lo, len(deltas), self.MPI.INT64_T),
                             op=self.MPI.SUM)
         self.ctl.Flush(rank)
 
     # -- slots ---------------------------------------------------------------------
     def slot_offset(self, server_index: int, worker_index: int) -> int:
-        return worker_index * self.strides[server_index]
+        """Displacement of a worker's slot in the slots window (guard included)."""
+        return G_SLOTS + worker_index * self.strides[server_index]
 
     def local_slot(self, worker_index: int) -> np.ndarray:
         s = self.roles.server_index
-        off = self.slot_offset(s, worker_index)
+        off = worker_index * self.strides[s]
         return self.local_slots[off:off + self.strides[s]]
+
+    def check_guards(self) -> list[str]:
+        """Names of the window guards that were overwritten (empty when all are intact)."""
+        bad = []
+        for name, raw in zip(("params", "slots", "ctl"), self._raw):
+            g = GUARD_BYTES
+            if np.any(raw[:g] != GUARD_BYTE):
+                bad.append(f"{name}[before]")
+            if np.any(raw[len(raw) - g:] != GUARD_BYTE):
+                bad.append(f"{name}[after]")
+        return bad
 
     def free(self) -> None:
         self.slots.Unlock_all()

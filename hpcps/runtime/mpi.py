@@ -70,6 +70,7 @@ def agree_on_errors(comm, fn: Callable[[], T]) -> T:
             where = f" (on rank {rank})" if (rank and problems[0] is None) or internal else ""
             err = UserError(f"{text}{where}")
             err.exit_code = EXIT_FAILURE if internal else EXIT_USAGE
+            err.agreed_rank = comm.Get_rank()  # every rank has it: only rank 0 prints
             raise err
     return result  # type: ignore[return-value]
 

@@ -62,14 +62,7 @@ def train_main(config_path, overrides, quiet: bool = False) -> int:
     MPI = mpi()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    try:
-        setup = agree_on_errors(comm, lambda: _setup(config_path, overrides, comm))
-    except UserError as err:
-        if rank == 0:
-            text = str(err)
-            print(text if text.startswith("hpcps") else f"hpcps: error: {text}", file=sys.stderr,
-                  flush=True)
-        return getattr(err, "exit_code", EXIT_USAGE)
+    setup = agree_on_errors(comm, lambda: _setup(config_path, overrides, comm))
     try:
         return _run(setup, quiet)
     except UserError as err:

@@ -12,6 +12,7 @@ _MODULES = {
     "seq2seq": "hpcps.workloads.seq2seq",
     "skipgram": "hpcps.workloads.skipgram",
     "rnn": "hpcps.workloads.rnn",
+    "synthetic": "hpcps.workloads.synthetic",
 }
 
 
