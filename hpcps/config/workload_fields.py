@@ -1,7 +1,4 @@
-"""Config sections of the non-GPT workloads (skip-gram, BERT MLM, seq2seq, RNN classifier).
+"""Config sections of the non-GPT workloads, one module per family so each owns its keys;
+importing this registers them all in the one schema."""
 
-Kept apart from the core schema so each workload owns its keys; importing this
-module registers them in the one schema.
-"""
-
-from hpcps.config.schema import field, section  # noqa: F401
+from hpcps.config import fields_embed_rnn, fields_transformers  # noqa: F401
