@@ -1,0 +1,209 @@
+"""Scaled dot-product multi-head attention: the core (any q / kv source, causal or
+not) and the fused-QKV self-attention block GPT uses.
+
+The core takes q (B, H, Tq, hs) and k, v (B, H, Tk, hs) as strided views (the
+last axis contiguous), so heads are sliced out of a projection without copies,
+and encoder self-attention (``causal=False``) or decoder cross-attention
+(q from the decoder, k / v from the encoder) reuse the same two functions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from hpcps.backend import array_module
+from hpcps.model.layers import (layernorm_linear_backward, layernorm_linear_forward,
+                                linear_backward, linear_forward, ones)
+from hpcps.model.workspace import Workspace, scratch
+
+
+def causal_bias(ws: Workspace, tq: int, tk: int, dtype):
+    """(tq, tk) additive mask: 0 where query i may see key j (j <= i + tk - tq), else -inf."""
+    def init(buf) -> None:
+        xp = ws.xp
+        buf.fill(0)
+        buf[xp.arange(tk)[None, :] > (xp.arange(tq)[:, None] + (tk - tq))] = -xp.inf
+    return ws.constant(f"causal.{tq}.{tk}.{np.dtype(dtype).name}", (tq, tk), dtype, init)
+
+
+# softmax without the max shift is exact when every row sum stays in this range: no
+# term overflowed, and terms lost to underflow are < e^-20 of the row's largest
+_SUM_LO, _SUM_HI = math.exp(-60.0), math.exp(80.0)
+
+
+def attention_forward(q, k, v, *, causal: bool, scale: Optional[float] = None, attn_bias=None,
+                      dropout=None, out=None, ws: Optional[Workspace] = None, name: str = "attn"):
+    """y = dropout(softmax(scale * q k^T + bias)) v, per head.
+
+    scale: defaults to 1/sqrt(hs); pass 1.0 when q is already scaled (the fused
+    self-attention folds it into the q weights). attn_bias: optional additive
+    mask broadcastable to (B, H, Tq, Tk) (-inf for keys to ignore; every query
+    must keep at least one key). dropout: an optional 0 / 1/(1-p) mask
+    broadcastable to the probabilities. out: optional (B, H, Tq, hs) array (may
+    be a transposed view) that receives y.
+    """
+    xp = array_module(q)
+    ws = scratch(ws, xp)
+    b, h, tq, hs = q.shape
+    tk = k.shape[2]
+    dt = q.dtype
+    scale = 1.0 / math.sqrt(hs) if scale is None else float(scale)
+    att = ws.get(name + ".att", (b, h, tq, tk), dt)
+    _softmax_scores(q, k, att, causal, scale, attn_bias, ws)
+    probs = att
+    if dropout is not None:
+        probs = ws.get(name + ".att_drop", att.shape, dt)
+        xp.multiply(att, dropout, out=probs)
+    if out is None:
+        out = ws.get(name + ".y", (b, h, tq, hs), dt)
+    xp.matmul(probs, v, out=out)
+    return out, (q, k, v, att, probs, dropout, scale)
+
+
+def _softmax_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace) -> None:
+    """att = softmax(scale * q k^T + masks) over the last axis, in place.
+
+    On the CPU the max shift (a slow row reduction) is skipped when the row sums
+    prove it unnecessary; otherwise, and always on a GPU (where the check would
+    synchronise), the scores are recomputed with the shift.
+    """
+    cpu = ws.xp is np
+    if cpu:
+        with np.errstate(over="ignore"):   # an overflow is caught by the range check below
+            total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, shift=False)
+    else:
+        total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, shift=True)
+    if cpu and not (_SUM_LO <= total.min() and total.max() <= _SUM_HI):
+        total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, shift=True)
+    ws.xp.reciprocal(total, out=total)
+    att *= total[..., None]
+
+
+def _exp_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace, shift: bool):
+    """att = exp(scale * (q k^T + masks - [row max])); returns the row sums."""
+    xp = ws.xp
+    dt = att.dtype
+    xp.matmul(q, k.swapaxes(-1, -2), out=att)
+    if causal:
+        att += causal_bias(ws, att.shape[-2], att.shape[-1], dt)
+    if attn_bias is not None:
+        att += attn_bias
+    if shift:
+        att -= att.max(axis=-1, keepdims=True)
+    if scale != 1.0:
+        att *= dt.type(scale)
+    xp.exp(att, out=att)
+    return xp.matmul(att, ones(ws, att.shape[-1], dt))
+
+
+def attention_backward(dy, cache, dq=None, dk=None, dv=None, ws: Optional[Workspace] = None,
+                       name: str = "attn"):
+    """Gradients w.r.t. q, k, v, written into dq / dk / dv when given (may be strided views)."""
+    q, k, v, att, probs, dropout, scale = cache
+    xp = array_module(q)
+    ws = scratch(ws, xp)
+    dt = q.dtype
+    dq = ws.get(name + ".dq", q.shape, dt) if dq is None else dq
+    dk = ws.get(name + ".dk", k.shape, dt) if dk is None else dk
+    dv = ws.get(name + ".dv", v.shape, dt) if dv is None else dv
+    xp.matmul(probs.swapaxes(-1, -2), dy, out=dv)
+    datt = ws.get("tmp.attn.datt", att.shape, dt)
+    xp.matmul(dy, v.swapaxes(-1, -2), out=datt)
+    if dropout is not None:
+        datt *= dropout
+    # softmax backward: ds = p * (dp - sum_j dp p), then the scale of the scores
+    rowdot = xp.einsum("bhij,bhij->bhi", datt, att)
+    datt -= rowdot[..., None]
+    datt *= att
+    if scale != 1.0:
+        datt *= dt.type(scale)
+    xp.matmul(datt, k, out=dq)
+    xp.matmul(datt.swapaxes(-1, -2), q, out=dk)
+    return dq, dk, dv
+
+
+def split_heads(x, n_head: int):
+    """(B, T, C) -> (B, H, T, hs) view."""
+    b, t, c = x.shape
+    return x.reshape(b, t, n_head, c // n_head).transpose(0, 2, 1, 3)
+
+
+def q_scale(ws: Workspace, c: int, n_head: int, dtype):
+    """(3C,) factors: 1/sqrt(hs) on the q features, 1 on k and v (cached)."""
+    def init(buf) -> None:
+        buf.fill(1)
+        buf[:c] = 1.0 / math.sqrt(c // n_head)
+    return ws.constant(f"qscale.{c}.{n_head}.{np.dtype(dtype).name}", (3 * c,), dtype, init)
+
+
+def self_attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, n_head: int, *, causal: bool = True,
+                           ln=None, attn_dropout=None, out=None, ws: Optional[Workspace] = None,
+                           name: str = "attn"):
+    """Fused q/k/v projection (w_qkv: (3C, C), rows q | k | v), attention, output projection.
+
+    ln: optional (weight, bias-or-None) of a pre-LayerNorm applied to x first; it
+    is fused into the q/k/v projection. The 1/sqrt(hs) score scale is folded into
+    the q rows of the projection (a weight-sized pass instead of two score-sized).
+    out: optional (B*T, C) array for the result (the backward does not need it).
+    """
+    xp = array_module(x)
+    ws = scratch(ws, xp)
+    b, t, c = x.shape
+    hs = c // n_head
+    scale = q_scale(ws, c, n_head, x.dtype)
+    if ln is not None:
+        qkv, qkv_cache = layernorm_linear_forward(x, ln[0], ln[1], w_qkv, b_qkv, out_scale=scale,
+                                                  ws=ws, name=name + ".qkv")
+    else:
+        w_eff = ws.get(name + ".qkv.w_eff", w_qkv.shape, w_qkv.dtype)
+        xp.multiply(w_qkv, scale[:, None], out=w_eff)
+        b_eff = None
+        if b_qkv is not None:
+            b_eff = ws.get(name + ".qkv.b_eff", b_qkv.shape, b_qkv.dtype)
+            xp.multiply(b_qkv, scale, out=b_eff)
+        qkv, qkv_cache = linear_forward(x, w_eff, b_eff, ws, name + ".qkv")
+    heads = qkv.reshape(b, t, 3, n_head, hs)
+    q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    y = ws.get(name + ".y", (b, t, n_head, hs), x.dtype)
+    _, att_cache = attention_forward(q, k, v, causal=causal, scale=1.0, dropout=attn_dropout,
+                                     out=y.transpose(0, 2, 1, 3), ws=ws, name=name)
+    out, proj_cache = linear_forward(y.reshape(b, t, c), w_proj, b_proj, ws, name + ".proj", out)
+    return out, (qkv_cache, att_cache, proj_cache, n_head, scale, ln is not None)
+
+
+def self_attention_backward(dout, cache, dw_qkv, db_qkv, dw_proj, db_proj, d_ln=None,
+                            ws: Optional[Workspace] = None, name: str = "attn",
+                            accumulate: bool = True):
+    """Returns dx. d_ln: (d_weight, d_bias-or-None) when the forward had ``ln``.
+    accumulate=False overwrites the parameter gradients instead of adding."""
+    qkv_cache, att_cache, proj_cache, n_head, scale, fused_ln = cache
+    xp = array_module(dout)
+    ws = scratch(ws, xp)
+    b, t, c = dout.shape
+    hs = c // n_head
+    dy = linear_backward(dout, proj_cache, dw_proj, db_proj, ws, name + ".proj",
+                         accumulate=accumulate)
+    dqkv = ws.get(name + ".dqkv", (b, t, 3, n_head, hs), dout.dtype)
+    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    attention_backward(split_heads(dy, n_head), att_cache, dq, dk, dv, ws, name)
+    dqkv = dqkv.reshape(b, t, 3 * c)
+    if fused_ln:
+        return layernorm_linear_backward(dqkv, qkv_cache, d_ln[0], d_ln[1], dw_qkv, db_qkv, ws,
+                                         name + ".qkv", accumulate=accumulate)
+    # gradients w.r.t. the scaled rows -> w.r.t. the stored ones: one more factor of scale
+    dw, db = dw_qkv, db_qkv
+    if accumulate:
+        dw = ws.get(name + ".qkv.dw", dw_qkv.shape, dw_qkv.dtype)
+        db = None if db_qkv is None else ws.get(name + ".qkv.db", db_qkv.shape, db_qkv.dtype)
+    dx = linear_backward(dqkv, qkv_cache, dw, db, ws, name + ".qkv", accumulate=False)
+    dw *= scale[:, None]
+    if db is not None:
+        db *= scale
+    if accumulate:
+        dw_qkv += dw
+        if db is not None:
+            db_qkv += db
+    return dx
