@@ -120,3 +120,23 @@ def blas_kernel() -> Optional[str]:
     """OpenBLAS's kernel family ("Haswell", "SkylakeX", ...), None for another BLAS."""
     name = _openblas_call("openblas_get_corename", ctypes.c_char_p)
     return name.decode() if name else None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set NumPy's BLAS thread count for this process; False when it cannot be controlled."""
+    import numpy  # noqa: F401 - loads the BLAS library so its symbols can be found
+    fn = _openblas_function("openblas_set_num_threads", None)
+    if fn is None:
+        return False
+    fn(ctypes.c_int(max(1, int(n))))
+    return True
+
+
+def rank_core_share(ranks_on_node: int) -> int:
+    """Cores this rank may use when ``ranks_on_node`` ranks share the node's (or the job
+    step's) CPU set: at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, ranks_on_node))

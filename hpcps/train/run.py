@@ -96,6 +96,7 @@ def _setup(config_path, overrides, comm) -> Setup:
     s.roles = build_roles(cfg, comm if comm.Get_size() > 1 else None)
     if s.roles.mode != "single" and s.roles.comm is None:
         s.roles.comm = comm
+    _limit_threads(s.roles)
     from hpcps.backend import CPU, get_backend
     s.backend = (get_backend(cfg.device, s.roles.local_rank, cfg.gpu.share)
                  if s.roles.is_worker else CPU)
@@ -106,6 +107,17 @@ def _setup(config_path, overrides, comm) -> Setup:
     if comm.Get_rank() == 0:
         _prepare_run_dir(cfg)
     return s
+
+
+def _limit_threads(roles) -> None:
+    """Ranks sharing a node share its cores: each worker's BLAS (and the model's batch
+    shards, which follow the BLAS thread count) gets its share; servers need one."""
+    if roles.mode == "single":
+        return
+    from hpcps.model.blas import rank_core_share, set_blas_threads
+    on_node = roles.node_of[roles.world_rank]
+    workers_here = sum(1 for r in roles.workers if roles.node_of[r] == on_node)
+    set_blas_threads(1 if roles.is_server else rank_core_share(workers_here))
 
 
 def _make_checkpointer(cfg, roles, workload):
