@@ -22,9 +22,10 @@ def add_arguments(parser) -> None:
                              "offline corpus (use ./default for a file of that name)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.h5",
                         help="corpus file to write")
-    parser.add_argument("--tokenizer", choices=("char", "byte", "bpe"), default="char",
+    parser.add_argument("--tokenizer", choices=("char", "byte", "bpe"), default=None,
                         help="char: nanoGPT characters; byte: UTF-8 bytes (any input); "
-                             "bpe: byte-level BPE trained on the input (default: char)")
+                             "bpe: byte-level BPE trained on the input (default: char; "
+                             "byte for --langid)")
     parser.add_argument("--vocab-size", type=int, default=None, metavar="N",
                         help="bpe vocabulary size (default 4096); an error for char and byte")
     parser.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
@@ -34,11 +35,49 @@ def add_arguments(parser) -> None:
                         help="replace OUT.h5 if it exists")
     parser.add_argument("--default-corpus", action="store_true",
                         help="add the built-in corpus (same as the INPUT 'default')")
+    catalogs = parser.add_argument_group(
+        "sequence corpora from gettext catalogs (instead of INPUTs; see docs/workloads.md)")
+    catalogs.add_argument("--parallel", metavar="en:LANG",
+                          help="English -> LANG sentence pairs (a 'parallel' corpus)")
+    catalogs.add_argument("--langid", metavar="L1,L2,...",
+                          help="strings labelled with their language (a 'classification' corpus)")
+    catalogs.add_argument("--mo-root", default="/usr/share/locale", metavar="DIR",
+                          help="locale root holding LANG/LC_MESSAGES/*.mo "
+                               "(default /usr/share/locale)")
+    catalogs.add_argument("--max-chars", type=int, default=200, metavar="N",
+                          help="drop strings longer than N characters after cleaning "
+                               "(default 200)")
+    catalogs.add_argument("--per-language", type=int, default=None, metavar="N",
+                          help="--langid: at most N strings per language (default: as many "
+                               "as the smallest language has)")
+
+
+def _run_catalogs(args) -> int:
+    from hpcps.data import build_mo
+    from hpcps.errors import UserError
+    if args.parallel and args.langid:
+        raise UserError("give --parallel or --langid, not both")
+    if args.inputs or args.default_corpus:
+        raise UserError("--parallel / --langid read gettext catalogs: give INPUT files or "
+                        "--parallel / --langid, not both")
+    common = dict(mo_root=args.mo_root, vocab_size=args.vocab_size,
+                  val_fraction=args.val_fraction, max_chars=args.max_chars,
+                  overwrite=args.overwrite)
+    if args.parallel:
+        result = build_mo.build_parallel(args.output, args.parallel,
+                                         tokenizer=args.tokenizer or "char", **common)
+    else:
+        result = build_mo.build_langid(args.output, args.langid, tokenizer=args.tokenizer or "byte",
+                                       per_language=args.per_language, **common)
+    print(result.summary())
+    return 0
 
 
 def run(args) -> int:
+    if args.parallel or args.langid:
+        return _run_catalogs(args)
     from hpcps.data.prepare import prepare
-    result = prepare(args.inputs, args.output, tokenizer=args.tokenizer,
+    result = prepare(args.inputs, args.output, tokenizer=args.tokenizer or "char",
                      vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                      overwrite=args.overwrite, quiet=getattr(args, "quiet", False),
                      default_corpus=args.default_corpus)
