@@ -23,7 +23,7 @@ from hpcps.errors import EXIT_PEER_DEAD
 from hpcps.ps import control as C
 from hpcps.ps.codec import ErrorFeedback
 from hpcps.ps.control import f2i
-from hpcps.ps.wait import Backoff, Every, PeerWatch
+from hpcps.ps.wait import Backoff, Every, PeerWatch, WaitHistory
 from hpcps.ps.windows import G_PARAMS, SLOT_HEADER, Header
 from hpcps.runtime.mpi import abort, mpi, say
 
@@ -67,6 +67,10 @@ class PSClient:
         self._grads = None
         self._touched = None
         self.overlap = cfg.ps.overlap
+        # bsp: the server frees all slots of step t before it moves VERSION to t+1, and we push
+        # step t+1 only after pulling version t+1, so the slot is free without asking
+        self.slot_always_free = self.mode == "bsp"
+        self.version_waits = WaitHistory()  # bsp: push -> next version, mostly the server's update
 
     # -- liveness --------------------------------------------------------------------
     def duties(self) -> None:
@@ -98,39 +102,55 @@ class PSClient:
         handle = PullHandle(step)
         pending = list(range(self.S))
         backoff = Backoff()
+        bsp = self.mode == "bsp"
+        if bsp:
+            backoff.reset(self.version_waits.expect())
+        started = time.monotonic()
         while pending:
             still = []
             for s in pending:
                 if self.mode == "bsp" and self.wins.read(self.servers[s], C.VERSION) < step:
                     still.append(s)
                     continue
-                self._start_get(s, handle)
+                if not self._start_get(s, handle):
+                    still.append(s)  # the owner is updating this shard right now
             pending = still
             if pending:
+                # never hold one shard's gate while waiting for another: two workers holding
+                # one gate each while both owners wait to write would deadlock
+                self._finish_gets(handle)
                 self.duties()
                 backoff.pause()
+        if bsp:
+            self.version_waits.add(time.monotonic() - started)
         return handle
 
-    def _start_get(self, s: int, handle: PullHandle) -> None:
+    def _start_get(self, s: int, handle: PullHandle) -> bool:
         MPI = mpi()
         rank = self.servers[s]
         lo, hi = self.ranges[s]
-        win = self.wins.params
-        win.Lock(rank, MPI.LOCK_SHARED)
-        # the server bumps VERSION inside its exclusive epoch: this read matches the data
+        if not self.wins.enter_read(rank):
+            return False
+        # the server moves VERSION only while the gate is closed: this read matches the data
         self.pulled_version[s] = self.wins.read(rank, C.VERSION)
-        handle.requests.append(win.Rget([self.params[lo:hi], MPI.FLOAT], rank,
-                                        (G_PARAMS, hi - lo, MPI.FLOAT)))
+        handle.requests.append(self.wins.params.Rget([self.params[lo:hi], MPI.FLOAT], rank,
+                                                     (G_PARAMS, hi - lo, MPI.FLOAT)))
         handle.locked.append(rank)
         self.bytes_pulled += (hi - lo) * 4
+        return True
+
+    def _finish_gets(self, handle: PullHandle) -> None:
+        mpi().Request.Waitall(handle.requests)  # the data is here: leave the gates
+        for rank in handle.locked:
+            self.wins.leave_read(rank)
+        handle.requests.clear()
+        handle.locked.clear()
 
     def wait(self, handle) -> None:
         if handle.done:
             return
         if isinstance(handle, PullHandle):
-            mpi().Request.Waitall(handle.requests)
-            for rank in handle.locked:
-                self.wins.params.Unlock(rank)
+            self._finish_gets(handle)
         handle.done = True
 
     # -- push ------------------------------------------------------------------------
@@ -163,6 +183,8 @@ class PSClient:
                 self._sent[s] = True
 
     def _slot_is_free(self, s: int) -> bool:
+        if self.slot_always_free:
+            return True
         if self._slot_free[s] is None:
             rank = self.servers[s]
             self._slot_free[s] = self.wins.read(rank, self.L.slot_state + self.w) == 0
@@ -176,6 +198,11 @@ class PSClient:
     def _encode_and_put(self, s: int) -> None:
         lo, hi = self.ranges[s]
         grad = self._grads[lo:hi]
+        if self.codecs[s].is_plain_dense and self.feedback is None:
+            # the payload is the gradient slice itself: put it from there, no encode copy
+            self._nbytes[s] = (hi - lo) * 4
+            self._put_bytes(s, SLOT_HEADER, grad)
+            return
         payload = self.send[s][SLOT_HEADER:]
         touched = self._shard_touched()
         if self.feedback is not None:
@@ -191,23 +218,25 @@ class PSClient:
     def push(self, step: int, *, weight: float, loss: float, scale: float) -> PushHandle:
         """Send what ``grad_ready`` has not sent yet, then headers and flags."""
         header = np.zeros(SLOT_HEADER // 8, dtype=np.int64)
+        header[Header.STEP] = step
+        header[Header.WEIGHT] = f2i(weight)
+        header[Header.LOSS] = f2i(loss)
+        header[Header.CLOCK] = step + 1
+        header[Header.SCALE] = f2i(scale)
         for s, rank in enumerate(self.servers):
             if not self._sent[s]:
-                self.wait_until(lambda r=rank: self.wins.read(r, self.L.slot_state + self.w) == 0)
+                if not self.slot_always_free:
+                    self.wait_until(lambda r=rank: self.wins.read(r, self.L.slot_state + self.w) == 0)
                 self._encode_and_put(s)
                 self._sent[s] = True
-            header[Header.STEP] = step
             header[Header.PULLED_VERSION] = self.pulled_version[s]
             header[Header.NBYTES] = self._nbytes[s]
-            header[Header.WEIGHT] = f2i(weight)
-            header[Header.LOSS] = f2i(loss)
-            header[Header.CLOCK] = step + 1
-            header[Header.SCALE] = f2i(scale)
-            self._put_bytes(s, 0, header.view(np.uint8).copy())
+            self._put_bytes(s, 0, header.view(np.uint8).copy())  # a copy per server: Put is async
             self.bytes_pushed += SLOT_HEADER + self._nbytes[s]
         for s, rank in enumerate(self.servers):
             self.wins.slots.Flush(rank)  # payload complete at the target ...
             self.wins.write(rank, self.L.slot_state + self.w, 1)  # ... before the flag says so
-        self.wins.write(self.servers[0], self.L.clock + self.w, step + 1)
+        if self.mode == "ssp":  # only the ssp bound reads the clocks
+            self.wins.write(self.servers[0], self.L.clock + self.w, step + 1)
         self._grads = None
         return PushHandle(step, done=True)

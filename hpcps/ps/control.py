@@ -5,6 +5,7 @@ heartbeats, stop proposals, parking) are only used on the *coordinator*, server 
 Every access to these words is an MPI atomic (``Fetch_and_op``,
 ``Get_accumulate(NO_OP)``, ``Accumulate(REPLACE/SUM)``), from remote ranks and
 from the owning server alike, so no read is torn and no increment is lost.
+Each word is written with one operation only (REPLACE or SUM) and read with NO_OP.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ LAST_LOSS = 4        # float64 bits: bsp weighted mean loss of the last step
 LAST_NORM = 5        # float64 bits: bsp global gradient norm of the last step
 LAST_STEP = 6        # step that LAST_LOSS / LAST_NORM belong to
 APPLIED = 7          # pushes applied (all modes)
-N_SCALARS = 8
+PARAMS_GATE = 8      # readers-writer gate of the params window: +1 per reader in flight,
+                     # +WRITER while the owner updates (see PSWindows.enter_read)
+N_SCALARS = 9
+
+WRITER = 1 << 40     # the owner's share of PARAMS_GATE: far above any reader count
 
 
 class ControlLayout:

@@ -8,7 +8,6 @@ rank, so world rank 0 stays a worker (it writes metrics) whenever it can.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from hpcps.config.schema import AUTO
 from hpcps.errors import UserError

@@ -17,7 +17,7 @@ import numpy as np
 from hpcps.errors import EXIT_PEER_DEAD
 from hpcps.ps import control as C
 from hpcps.ps.control import HIST_BINS, f2i, i2f
-from hpcps.ps.wait import Backoff, Every, PeerWatch
+from hpcps.ps.wait import Backoff, Every, PeerWatch, WaitHistory
 from hpcps.ps.windows import SLOT_HEADER, Header
 from hpcps.runtime.mpi import abort, mpi, say
 
@@ -34,9 +34,8 @@ class Server:
         self.L = wins.ctl_layout
         self.W = roles.n_workers
         self.params = wins.local_params
-        self.wins.params.Lock(self.me, mpi().LOCK_EXCLUSIVE)
-        self.params[:] = params_init
-        self.wins.params.Unlock(self.me)
+        self.params[:] = params_init  # no reader yet: workers pull after the start barrier
+        self.wins.params.Sync()
         self.version = version
         self.wins.write(self.me, C.VERSION, version)
         self.acc = np.zeros(codec.n, dtype=np.float32)
@@ -50,6 +49,10 @@ class Server:
         self.watch = PeerWatch(range(self.W), cfg.ps.heartbeat_timeout, cfg.ps.dead_timeout)
         self.excluded = np.zeros(self.W, dtype=np.int64)
         self.rr = 0  # round-robin start for async fairness
+        # bsp: how long after an update the next step's pushes took to arrive (the workers'
+        # compute time); the server sleeps through most of it in a few long naps
+        self.push_gaps = WaitHistory()
+        self.idle_since = None
 
     # -- duties done in every wait -------------------------------------------------
     def duties(self) -> None:
@@ -59,7 +62,16 @@ class Server:
         if self.is_coordinator and self.watch_tick.due(now):
             self._watch_workers(now)
 
-    def _watch_workers(self, now: float) -> None:
+    def collective_duties(self) -> None:
+        """Duties while every rank gathers for a sync point: in any mode a dead worker
+        would hang the collective, so it ends the job."""
+        now = time.monotonic()
+        if self.beat.due(now):
+            self.wins.add(self.me, C.HEARTBEAT, 1)
+        if self.is_coordinator and self.watch_tick.due(now):
+            self._watch_workers(now, abort_dead=True)
+
+    def _watch_workers(self, now: float, abort_dead: bool = False) -> None:
         L = self.L
         beats = self.wins.read_block(self.me, L.worker_hb, L.worker_hb + self.W)
         changed = False
@@ -75,11 +87,12 @@ class Server:
                 say(f"hpcps: worker rank {rank} is back after silence; taking it back")
                 self.excluded[w] = 0
                 changed = True
-            if self.mode == "bsp" and self.watch.is_dead(w, now):
+            if (abort_dead or self.mode == "bsp") and self.watch.is_dead(w, now):
                 abort(self.roles.comm, EXIT_PEER_DEAD,
                       f"worker rank {rank} ({self.roles.hosts[rank]}) silent for "
                       f"{self.watch.silent_for(w, now):.0f} s (ps.dead_timeout = "
-                      f"{self.cfg.ps.dead_timeout:g}) in bsp; aborting the job")
+                      f"{self.cfg.ps.dead_timeout:g}) in {'a sync point' if abort_dead else 'bsp'};"
+                      " aborting the job")
         if changed:
             self.wins.write_block(self.me, L.excluded, self.excluded)
 
@@ -127,9 +140,10 @@ class Server:
                 while self.apply_pending():
                     pass
                 self.sync_epoch = self.wins.read(self.coordinator, C.SYNC_EPOCH)
+                self.idle_since = None  # the collective's time is no push gap
                 return self.sync_epoch
             if progressed:
-                self.backoff.reset()
+                self.backoff.reset(self.push_gaps.expect() if self.mode == "bsp" else 0.0)
             else:
                 self.backoff.pause()
 
@@ -163,6 +177,8 @@ class Server:
 
     def _apply_bsp(self) -> None:
         W = self.W
+        if self.idle_since is not None:
+            self.push_gaps.add(time.monotonic() - self.idle_since)
         heads = self._headers(range(W))
         steps = {int(h[Header.STEP]) for h in heads}
         if steps != {self.version}:
@@ -170,25 +186,33 @@ class Server:
                   f"got pushes for steps {sorted(steps)}")
         weights = np.array([i2f(h[Header.WEIGHT]) for h in heads])
         total = float(weights.sum())
-        self.acc.fill(0.0)
-        for w in range(W):
-            self.codec.decode_add(self._payload(w, int(heads[w][Header.NBYTES])), self.acc,
-                                  weights[w] / total)
+        grad = self._weighted_mean(heads, weights / total)
         loss = float(sum(weights[w] * i2f(heads[w][Header.LOSS]) for w in range(W)) / total)
-        sumsq = float(self.acc @ self.acc)
+        sumsq = float(grad @ grad)
         total_sumsq = self._allreduce_servers(sumsq)
         from hpcps.optim.clip import clip_coefficient
         norm, scale = clip_coefficient(total_sumsq, self.cfg.train.grad_clip)
         for h in heads:
             self.hist[min(max(0, self.version - int(h[Header.PULLED_VERSION])), HIST_BINS - 1)] += 1
-        # slots are released and the step's stats published before the version moves:
-        # a worker that sees version t+1 finds its slot free
-        self.wins.write_block(self.me, self.L.slot_state, np.zeros(W, dtype=np.int64))
+        # the step's stats are published before the version moves (the lead worker waits
+        # for them right after its push, while this server updates)
         if self.is_coordinator:
             self.wins.write_block(self.me, C.LAST_LOSS,
                                   np.array([f2i(loss), f2i(norm), self.version + 1], dtype=np.int64))
         self.wins.add(self.me, C.APPLIED, W)
-        self._update(self.acc, self.lr_fn(self.version), scale)
+        self._update(grad, self.lr_fn(self.version), scale, release_slots=True)
+        self.idle_since = time.monotonic()
+
+    def _weighted_mean(self, heads, shares) -> np.ndarray:
+        """sum_w shares[w] * push_w. A single plain fp32 push is used where it lies in its
+        slot (no copy); the slot is released only after the update has read it."""
+        payloads = [self._payload(w, int(h[Header.NBYTES])) for w, h in enumerate(heads)]
+        if len(payloads) == 1 and self.codec.is_plain_dense and shares[0] == 1.0:
+            return payloads[0].view(np.float32)
+        self.acc.fill(0.0)
+        for payload, share in zip(payloads, shares):
+            self.codec.decode_add(payload, self.acc, share)
+        return self.acc
 
     def _apply_async(self, w: int) -> None:
         head = self._headers([w])[0]
@@ -197,20 +221,23 @@ class Server:
         stale = max(0, self.version - int(head[Header.PULLED_VERSION]))
         self.hist[min(stale, HIST_BINS - 1)] += 1
         self._update(self.acc, self.lr_fn(int(head[Header.STEP])), i2f(head[Header.SCALE]))
-        self.wins.write(self.me, self.L.slot_state + w, 0)
+        self.wins.write(self.me, self.L.slot_state + w, 0)  # decoded: the worker may refill it
         self.wins.add_block(self.me, self.L.hist, self.hist)
         self.hist[:] = 0
         self.wins.add(self.me, C.APPLIED, 1)
 
-    def _update(self, grad, lr: float, scale: float) -> None:
-        """One optimizer step under the exclusive lock; the version moves inside it, so a
-        pull that reads VERSION under its shared lock gets exactly that version's params."""
-        MPI = mpi()
-        self.wins.params.Lock(self.me, MPI.LOCK_EXCLUSIVE)
+    def _update(self, grad, lr: float, scale: float, release_slots: bool = False) -> None:
+        """One optimizer step with the params gate closed; the version moves inside it, so
+        a pull that reads VERSION after entering the gate gets exactly that version's params.
+        ``release_slots`` (bsp): free every slot after the step (it may have read from
+        them) and before the version moves (a worker that sees t+1 finds its slot free)."""
+        self.wins.begin_write(self.duties)
         self.opt.step(self.params, grad, lr, scale)
+        if release_slots:
+            self.wins.write_block(self.me, self.L.slot_state, np.zeros(self.W, np.int64))
         self.version += 1
         self.wins.write(self.me, C.VERSION, self.version)
-        self.wins.params.Unlock(self.me)
+        self.wins.end_write()
         if self.mode == "bsp" and self.hist.any():
             self.wins.add_block(self.me, self.L.hist, self.hist)
             self.hist[:] = 0
@@ -247,5 +274,5 @@ def server_memory_bytes(n: int, n_workers: int, stride: int, optimizer: str) -> 
 def report_memory(roles, n: int, stride: int, optimizer: str) -> None:
     total = server_memory_bytes(n, roles.n_workers, stride, optimizer)
     say(f"hpcps: server {roles.server_index} (rank {roles.world_rank}) holds {n} params: "
-        f"{total / 2**20:.1f} MiB (params+state+scratch+acc {n * 4 * (4 if optimizer == 'adamw' else 3) / 2**20:.1f} "
+        f"{total / 2**20:.1f} MiB (params+state+scratch+acc {(total - roles.n_workers * stride) / 2**20:.1f} "
         f"MiB, {roles.n_workers} push slots {roles.n_workers * stride / 2**20:.1f} MiB)", stream=sys.stdout)

@@ -11,23 +11,54 @@ from __future__ import annotations
 import time
 
 
+NAP_SLICE = 0.05  # longest single sleep: periodic duties (heartbeats, watches) keep running
+
+
 class Backoff:
     def __init__(self, cap: float = 0.0005, spins: int = 4):
         self.cap = cap
         self.spins = spins
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, expect: float = 0.0) -> None:
+        """Start a new wait. ``expect``: seconds the awaited event is surely still away
+        (see ``WaitHistory``); they are slept through in a few long naps, then polling
+        starts fine again, so the event is noticed soon after it happens without
+        thousands of wake-ups that would take the core from a process computing on it."""
         self.count = 0
         self.delay = 2e-5
+        self.ahead = max(0.0, expect)
 
     def pause(self) -> None:
+        if self.ahead > 0:
+            nap = min(self.ahead, NAP_SLICE)
+            time.sleep(nap)
+            self.ahead -= nap
+            return
         self.count += 1
         if self.count <= self.spins:
             time.sleep(0)  # yield the core to a compute process sharing it
             return
         time.sleep(self.delay)
         self.delay = min(self.cap, self.delay * 2)
+
+
+class WaitHistory:
+    """Durations of the last few waits for a recurring event (a bsp step's pushes, the
+    server's update). ``expect()`` is a safe part of the shortest recent one: 0 until
+    there is history, and a wait that ends early only costs its fine polling."""
+
+    def __init__(self, keep: int = 4, share: float = 0.7):
+        self.keep, self.share = keep, share
+        self.recent: list[float] = []
+
+    def add(self, seconds: float) -> None:
+        self.recent.append(seconds)
+        if len(self.recent) > self.keep:
+            self.recent.pop(0)
+
+    def expect(self) -> float:
+        return self.share * min(self.recent) if len(self.recent) == self.keep else 0.0
 
 
 class Every:

@@ -4,19 +4,29 @@ Every window comes from ``MPI.Win.Allocate`` (collective over the world; only
 servers give it memory). With Open MPI a ``Win.Create`` window stalls remote
 accumulates while the target computes; allocated windows do not.
 
-- ``params``  fp32 [shard]: workers ``Get`` under ``Lock(SHARED)``; the owner
-  updates it under ``Lock(EXCLUSIVE, self)``, so a pull never sees half an update.
+- ``params``  fp32 [shard]: workers ``Get`` it after entering the shard's
+  readers-writer gate (``enter_read``); the owner updates it only after closing
+  the gate and seeing every reader leave (``begin_write``), so a pull never sees
+  half an update.
 - ``slots``   bytes [W x slot]: worker w ``Put``s its encoded push into slot w.
 - ``ctl``     int64 [ControlLayout.size]: versions, flags, clocks, heartbeats.
 
-``slots`` and ``ctl`` stay in one ``Lock_all`` passive epoch for the whole run;
+All three windows stay in one ``Lock_all`` passive epoch for the whole run;
 ``Flush`` completes each operation at the target before the next one is issued.
+The gate is a control word changed with atomic adds instead of ``MPI_Win_lock``:
+with MPICH a lock request on a remote rank is granted only when that rank enters
+the MPI progress engine, so a pull stalled for as long as its server computed or
+slept (tens of ms per step when ranks share cores). Atomics and Gets on an
+allocated shared-memory window complete without the target's help.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
+from hpcps.ps import control as C
 from hpcps.ps.control import ControlLayout
 from hpcps.runtime.mpi import mpi
 
@@ -73,6 +83,7 @@ class PSWindows:
         else:
             self.local_params = self.local_slots = None
         comm.Barrier()  # guards set and control words zeroed before anyone touches them
+        self.params.Lock_all()
         self.slots.Lock_all()
         self.ctl.Lock_all()
         self._word = np.zeros(1, dtype=np.int64)
@@ -124,6 +135,35 @@ class PSWindows:
                             op=self.MPI.SUM)
         self.ctl.Flush(rank)
 
+    # -- the params gate -----------------------------------------------------------
+    def enter_read(self, rank: int) -> bool:
+        """Try to become a reader of ``rank``'s params; False while its owner updates them
+        (the caller retries later). A True must be paired with ``leave_read``."""
+        if self.add(rank, C.PARAMS_GATE, 1) < C.WRITER:
+            return True
+        self.add_block(rank, C.PARAMS_GATE, np.array([-1], dtype=np.int64))
+        return False
+
+    def leave_read(self, rank: int) -> None:
+        self.add_block(rank, C.PARAMS_GATE, np.array([-1], dtype=np.int64))
+
+    def begin_write(self, duties=None) -> None:
+        """Owner: close the gate to new readers and wait for the ones in flight (their
+        Gets complete without our help, so this is a short wait)."""
+        me = self.roles.world_rank
+        self.add(me, C.PARAMS_GATE, C.WRITER)
+        pauses = 0
+        while self.read(me, C.PARAMS_GATE) != C.WRITER:
+            pauses += 1
+            if duties is not None and pauses % 64 == 0:
+                duties()
+            time.sleep(0 if pauses < 8 else 2e-5)
+
+    def end_write(self) -> None:
+        self.params.Sync()  # our stores to the shard are visible before readers come back
+        self.add_block(self.roles.world_rank, C.PARAMS_GATE,
+                       np.array([-C.WRITER], dtype=np.int64))
+
     # -- slots ---------------------------------------------------------------------
     def slot_offset(self, server_index: int, worker_index: int) -> int:
         """Displacement of a worker's slot in the slots window (guard included)."""
@@ -146,6 +186,7 @@ class PSWindows:
         return bad
 
     def free(self) -> None:
+        self.params.Unlock_all()
         self.slots.Unlock_all()
         self.ctl.Unlock_all()
         for win in (self.params, self.slots, self.ctl):

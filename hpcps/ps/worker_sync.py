@@ -14,28 +14,69 @@ the coordinator (server 0), see docs/protocol.md:
 
 from __future__ import annotations
 
+import json
+import os
+import time
+
 import numpy as np
 
 from hpcps.optim.clip import clip_coefficient
 from hpcps.ps import control as C
 from hpcps.ps.client import PSClient
 from hpcps.ps.control import HIST_BINS, i2f
-from hpcps.ps.wait import Backoff
+from hpcps.ps.wait import Backoff, WaitHistory
 from hpcps.runtime import signals
+from hpcps.runtime.polled import PolledComm
 
 
-def sync_collective(roles, wins, reason, checkpointer, *, shard=None, worker=None) -> dict:
+def sync_collective(roles, wins, reason, checkpointer, *, shard=None, worker=None,
+                    duties=None) -> dict:
     """Every rank meets here once all workers are parked and the servers drained.
-    ``shard`` is a callable returning (lo, hi, state) on servers."""
-    reason = roles.comm.bcast(reason, root=roles.lead_worker)
+    ``shard`` is a callable returning (lo, hi, state) on servers. Every collective in
+    here (the checkpoint's included) polls and runs ``duties`` (heartbeats, watches)
+    while it waits: a rank stopped after parking would otherwise hang all the others."""
+    comm = PolledComm(roles.comm, duties)
+    comm.Barrier()
+    reason = comm.bcast(reason, root=roles.lead_worker)
     if reason.get("checkpoint") and checkpointer is not None:
-        checkpointer.save(reason["step"], shard=shard() if shard else None, worker=worker,
-                          reason=reason)
+        with checkpointer.communicating_through(comm):
+            checkpointer.save(reason["step"], shard=shard() if shard else None, worker=worker,
+                              reason=reason)
     if roles.world_rank == roles.servers[0]:
         L = wins.ctl_layout
         wins.write_block(roles.world_rank, L.parked, np.zeros(L.n_workers, dtype=np.int64))
-    roles.comm.Barrier()  # nobody re-checks the parking words before they are cleared
+    comm.Barrier()  # nobody re-checks the parking words before they are cleared
     return reason
+
+
+TRACE_ENV = "HPCPS_PS_TRACE"
+
+
+class EventTrace:
+    """Optional per-worker protocol log for tests: with ``HPCPS_PS_TRACE=DIR`` set, worker w
+    appends ``{"ev": "start"|"push", "step": c, "t": monotonic seconds}`` lines to
+    DIR/worker{w}.jsonl. "start" is stamped after the consistency wait let step c begin,
+    "push" before the clock of step c is published, so replaying the logs in time order
+    can only under-count other workers' clocks, never over-count them."""
+
+    def __init__(self, worker: int):
+        folder = os.environ.get(TRACE_ENV, "")
+        self.fh = None
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            # line-buffered: nothing calls close() on the way out of a run
+            self.fh = open(os.path.join(folder, f"worker{worker}.jsonl"), "w", buffering=1,
+                           encoding="utf-8")
+
+    def event(self, kind: str, step: int, **extra) -> None:
+        if self.fh is not None:
+            self.fh.write(json.dumps({"ev": kind, "step": step, "t": time.monotonic(), **extra})
+                          + "\n")
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
 
 
 class PSSync:
@@ -60,6 +101,8 @@ class PSSync:
         self.hist_seen = np.zeros(HIST_BINS, dtype=np.int64)
         self.ssp_waits = 0          # steps that had to wait for the bound (instrumentation)
         self.max_lead = 0           # largest (own clock - min live clock) seen when starting a step
+        self.trace = EventTrace(self.w)
+        self.stats_waits = WaitHistory()  # bsp lead: push -> the step's published stats
 
     # -- coordination ------------------------------------------------------------------
     def _read_coord(self) -> dict:
@@ -92,6 +135,7 @@ class PSSync:
                     waiting = True  # never pass our proposal before everyone has proposed
             if self.stop_at is not None and step >= self.stop_at:
                 return True
+            lead = None
             if not waiting and self.mode == "ssp":
                 clocks = state["clock"].copy()
                 clocks[self.w] = step
@@ -104,6 +148,7 @@ class PSSync:
                 else:
                     self.max_lead = max(self.max_lead, lead)
             if not waiting:
+                self.trace.event("start", step, lead=lead)
                 return False
             self.client.duties()
             backoff.pause()
@@ -112,7 +157,8 @@ class PSSync:
         self.wins.write(self.coord, self.L.parked + self.w, step + 1)
         self.client.wait_until(lambda: self.wins.read(self.coord, C.SYNC_EPOCH) > self.sync_epoch)
         self.sync_epoch = self.wins.read(self.coord, C.SYNC_EPOCH)
-        sync_collective(self.roles, self.wins, reason, self.checkpointer, worker=worker_state)
+        sync_collective(self.roles, self.wins, reason, self.checkpointer, worker=worker_state,
+                        duties=self.client.duties)
 
     # -- data path ---------------------------------------------------------------------
     def pull(self, step: int) -> None:
@@ -129,8 +175,11 @@ class PSSync:
         scale = 1.0
         if self.mode != "bsp":  # no global aggregate to clip: clip this worker's gradient
             norm, scale = clip_coefficient(float(grads @ grads), self.cfg.train.grad_clip)
+        self.trace.event("push", step)
         self.client.push(step, weight=weight, loss=loss, scale=scale)
         stats = {"loss": loss, "grad_norm": norm}
+        if self.mode == "ssp":  # the largest lead over the slowest live worker so far
+            stats["ssp_max_lead"] = self.max_lead
         if self.is_lead:
             if self.mode == "bsp":
                 stats.update(self._bsp_stats(step))
@@ -145,7 +194,11 @@ class PSSync:
         def published():
             self.wins.read_block(self.coord, C.LAST_LOSS, C.LAST_STEP + 1, out=block)
             return int(block[2]) >= step + 1
-        self.client.wait_until(published)
+        backoff = Backoff()
+        backoff.reset(self.stats_waits.expect())
+        started = time.monotonic()
+        self.client.wait_until(published, backoff)
+        self.stats_waits.add(time.monotonic() - started)
         return {"loss": i2f(block[0]), "grad_norm": i2f(block[1])}
 
     def _staleness(self) -> dict:
@@ -167,4 +220,4 @@ class PSSync:
         return out
 
     def close(self) -> None:
-        pass
+        self.trace.close()
