@@ -77,7 +77,9 @@ class Trainer:
             if stop or end or self.checkpoint_due(step):
                 reason = {"step": step, "stop": bool(stop), "end": bool(end),
                           "checkpoint": True, "signal": signals.signal_name()}
-                self.sync.sync_point(step, reason, self.worker_state(step))
+                agreed = self.sync.sync_point(step, reason, self.worker_state(step))
+                if agreed:  # the lead worker's reason, which every rank follows (PS modes)
+                    stop, end = bool(agreed["stop"]), bool(agreed["end"])
             self.sync.pull(step)
             if self.is_lead and self.pending is not None:
                 if self.eval_due(step):

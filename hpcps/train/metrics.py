@@ -74,12 +74,19 @@ class Progress:
         self.stream = stream or sys.stdout
         self.started = time.monotonic()
         self.first_step: Optional[int] = None
+        # throughput over the steps since the last line, not the last step alone (one step
+        # that held a checkpoint or an evaluation would otherwise swing the figure)
+        self.window = {"s": 0.0, "tokens": 0.0, "mfu_s": 0.0}
 
     def step(self, record: dict) -> None:
         step = record["step"]
         if self.first_step is None:
             self.first_step = step - 1
             self.started = time.monotonic() - record.get("step_s", 0.0)
+        step_s = record.get("step_s", 0.0)
+        self.window["s"] += step_s
+        self.window["tokens"] += record["tokens_per_s"] * step_s
+        self.window["mfu_s"] += (record.get("mfu") or 0.0) * step_s
         if self.quiet or not (step % self.log_every == 0 or step == self.max_steps
                               or "val_loss" in record):
             return
@@ -89,9 +96,13 @@ class Progress:
         parts.append(f"lr {record['lr']:.2e}")
         if record.get("grad_norm") is not None:
             parts.append(f"gnorm {record['grad_norm']:.3f}")
-        parts.append(f"{record['tokens_per_s'] / 1000:.1f}k tok/s")
+        window_s = self.window["s"]
+        tokens_per_s = self.window["tokens"] / window_s if window_s > 0 else record["tokens_per_s"]
+        parts.append(f"{tokens_per_s / 1000:.1f}k tok/s")
         if record.get("mfu") is not None:
-            parts.append(f"mfu {100 * record['mfu']:.1f}%")
+            mfu = self.window["mfu_s"] / window_s if window_s > 0 else record["mfu"]
+            parts.append(f"mfu {100 * mfu:.1f}%")
+        self.window = {"s": 0.0, "tokens": 0.0, "mfu_s": 0.0}
         if "staleness_mean" in record:
             parts.append(f"stale {record['staleness_mean']:.2f}/{record['staleness_max']}")
         if "push_mb" in record:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import traceback
 
@@ -18,7 +17,7 @@ import numpy as np
 from hpcps import __version__
 from hpcps.errors import EXIT_FAILURE, EXIT_USAGE, UserError
 from hpcps.runtime import signals
-from hpcps.runtime.mpi import abort, agree_on_errors, mpi, say
+from hpcps.runtime.mpi import abort, agree_on_errors, mpi
 
 
 def measure_peak_flops(seconds: float = 0.3) -> float:
@@ -151,17 +150,21 @@ def _run(s: Setup, quiet: bool) -> int:
 
 def make_lead_io(s, quiet: bool):
     from hpcps.train.metrics import MetricsWriter, Progress
-    resume_step = s.resume.step if s.resume is not None else None
-    writer = MetricsWriter(s.cfg.out_dir, resume_step)
+    # the checkpoint of boundary t carries the record of step t, written again on resume:
+    # keep only the records before it
+    keep_through = s.resume.step - 1 if s.resume is not None else None
+    writer = MetricsWriter(s.cfg.out_dir, keep_through)
     progress = Progress(s.cfg.train.max_steps, s.cfg.train.log_every, quiet)
     return writer, progress
 
 
 def _run_replicated(s: Setup, quiet: bool) -> int:
+    from hpcps.gpu import configure, measure_peak
     from hpcps.optim.schedule import lr_schedule
     from hpcps.train.loop import Trainer
     from hpcps.train.sync import AllreduceSync, LocalSync
     cfg, roles, layout, backend = s.cfg, s.roles, s.workload.layout, s.backend
+    configure(backend, cfg)
     lr_fn = lr_schedule(cfg)
     if s.resume is not None:
         shard = s.resume.load_shard(0, layout.total)
@@ -187,7 +190,7 @@ def _run_replicated(s: Setup, quiet: bool) -> int:
     if s.resume is not None:
         text = s.resume.load_worker(roles.worker_index, roles.n_workers).get("pending_record")
         pending = json.loads(text) if text else None
-    peak = cfg.train.peak_flops or (measure_peak_flops() if lead else 0.0)
+    peak = cfg.train.peak_flops or (measure_peak(backend, measure_peak_flops) if lead else 0.0)
     trainer = Trainer(cfg=cfg, roles=roles, workload=s.workload, sync=sync, params=params,
                       grads=grads, lr_fn=lr_fn, start_step=s.resume.step if s.resume else 0,
                       writer=writer, progress=progress, pending_record=pending, peak_flops=peak,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hpcps.gpu import to_host
 from hpcps.optim import make_optimizer
 from hpcps.optim.clip import clip_coefficient
 from hpcps.runtime import signals
@@ -53,8 +54,9 @@ class LocalSync:
         return {"loss": loss, "grad_norm": self._apply(step, grads)}
 
     def shard_state(self) -> dict:
-        state = {k: v for k, v in self.opt.state().items()}
-        state["params"] = self.params
+        # checkpoints are written from host memory: device state is copied out here
+        state = {k: to_host(v) for k, v in self.opt.state().items()}
+        state["params"] = to_host(self.params)
         return state
 
     def sync_point(self, step: int, reason: dict, worker_state: dict) -> None:
@@ -77,14 +79,31 @@ class AllreduceSync(LocalSync):
         self.roles = roles
         self.comm = roles.comm
         self.is_lead = roles.world_rank == roles.lead_worker
-        self.buf = np.empty(layout.total + 3, dtype=np.float32)
+        self.device = None   # GPU: the payload lives on the device or in pinned host memory
+        if backend is not None and backend.is_gpu:
+            from hpcps.gpu.transport import AllreduceBuffer
+            from hpcps.runtime.mpi import cuda_aware_mpi
+            self.device = AllreduceBuffer(layout.total, cuda_aware_mpi())
+            self.buf = self.device.buf
+        else:
+            self.buf = np.empty(layout.total + 3, dtype=np.float32)
         self.stop_seen = False
         self.bytes = 0
 
     def decide(self, step: int) -> bool:
         return self.stop_seen
 
+    def begin_backward(self, grads, touched) -> None:
+        if self.device is not None:
+            self.device.begin(grads)
+
+    def grad_ready(self, lo: int, hi: int) -> None:
+        if self.device is not None:   # staged: copy this range to the host while backward runs
+            self.device.grad_ready(lo, hi)
+
     def push(self, step, grads, weight, loss):
+        if self.device is not None:
+            return self._push_device(step, grads, weight, loss)
         from hpcps.runtime.mpi import mpi
         n = self.layout.total
         buf = self.buf
@@ -99,6 +118,20 @@ class AllreduceSync(LocalSync):
         grads *= np.float32(1.0 / total)
         self.stop_seen = buf[n + 2] > 0
         return {"loss": float(buf[n + 1]) / total, "grad_norm": self._apply(step, grads)}
+
+    def _push_device(self, step, grads, weight, loss):
+        """push() for device gradients: the same sums, through AllreduceBuffer."""
+        from hpcps.runtime.mpi import mpi
+        dev = self.device
+        dev.gather(grads, weight)
+        dev.set_tail([weight, weight * loss, 1.0 if signals.stop_requested() else 0.0])
+        self.comm.Allreduce(mpi().IN_PLACE, self.buf, op=mpi().SUM)
+        self.bytes += 2 * self.buf.nbytes
+        total, loss_sum, stop = (float(v) for v in dev.tail())
+        dev.scatter(grads)
+        grads *= np.float32(1.0 / total)
+        self.stop_seen = stop > 0
+        return {"loss": loss_sum / total, "grad_norm": self._apply(step, grads)}
 
     def sync_point(self, step, reason, worker_state):
         # every rank holds the same replica: rank 0 writes the one shard, all write worker state
