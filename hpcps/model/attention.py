@@ -15,8 +15,9 @@ from typing import Optional
 import numpy as np
 
 from hpcps.backend import array_module
+from hpcps.gpu import is_cupy
 from hpcps.model.layers import (layernorm_linear_backward, layernorm_linear_forward,
-                                linear_backward, linear_forward, ones)
+                                linear_backward, linear_forward, matmul, ones)
 from hpcps.model.workspace import Workspace, scratch
 
 
@@ -59,7 +60,7 @@ def attention_forward(q, k, v, *, causal: bool, scale: Optional[float] = None, a
         xp.multiply(att, dropout, out=probs)
     if out is None:
         out = ws.get(name + ".y", (b, h, tq, hs), dt)
-    xp.matmul(probs, v, out=out)
+    matmul(probs, v, out=out)
     return out, (q, k, v, att, probs, dropout, scale)
 
 
@@ -68,8 +69,14 @@ def _softmax_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Worksp
 
     On the CPU the max shift (a slow row reduction) is skipped when the row sums
     prove it unnecessary; otherwise, and always on a GPU (where the check would
-    synchronise), the scores are recomputed with the shift.
+    synchronise), the scores are recomputed with the shift. On CuPy one fused
+    kernel does mask, scale, shift, exp and normalisation (no extra mask array).
     """
+    if is_cupy(ws.xp) and attn_bias is None and _fused_softmax_fits(att.shape[-1]):
+        from hpcps.gpu import kernels
+        matmul(q, k.swapaxes(-1, -2), out=att)
+        kernels.softmax_forward(att, scale, causal)
+        return
     cpu = ws.xp is np
     if cpu:
         with np.errstate(over="ignore"):   # an overflow is caught by the range check below
@@ -82,11 +89,16 @@ def _softmax_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Worksp
     att *= total[..., None]
 
 
+def _fused_softmax_fits(tk: int) -> bool:
+    from hpcps.gpu import kernels
+    return kernels.softmax_supported(tk)
+
+
 def _exp_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace, shift: bool):
     """att = exp(scale * (q k^T + masks - [row max])); returns the row sums."""
     xp = ws.xp
     dt = att.dtype
-    xp.matmul(q, k.swapaxes(-1, -2), out=att)
+    matmul(q, k.swapaxes(-1, -2), out=att)
     if causal:
         att += causal_bias(ws, att.shape[-2], att.shape[-1], dt)
     if attn_bias is not None:
@@ -109,19 +121,23 @@ def attention_backward(dy, cache, dq=None, dk=None, dv=None, ws: Optional[Worksp
     dq = ws.get(name + ".dq", q.shape, dt) if dq is None else dq
     dk = ws.get(name + ".dk", k.shape, dt) if dk is None else dk
     dv = ws.get(name + ".dv", v.shape, dt) if dv is None else dv
-    xp.matmul(probs.swapaxes(-1, -2), dy, out=dv)
+    matmul(probs.swapaxes(-1, -2), dy, out=dv)
     datt = ws.get("tmp.attn.datt", att.shape, dt)
-    xp.matmul(dy, v.swapaxes(-1, -2), out=datt)
+    matmul(dy, v.swapaxes(-1, -2), out=datt)
     if dropout is not None:
         datt *= dropout
     # softmax backward: ds = p * (dp - sum_j dp p), then the scale of the scores
-    rowdot = xp.einsum("bhij,bhij->bhi", datt, att)
-    datt -= rowdot[..., None]
-    datt *= att
-    if scale != 1.0:
-        datt *= dt.type(scale)
-    xp.matmul(datt, k, out=dq)
-    xp.matmul(datt.swapaxes(-1, -2), q, out=dk)
+    if is_cupy(xp) and _fused_softmax_fits(att.shape[-1]):
+        from hpcps.gpu import kernels
+        kernels.softmax_backward(datt, att, scale)
+    else:
+        rowdot = xp.einsum("bhij,bhij->bhi", datt, att)
+        datt -= rowdot[..., None]
+        datt *= att
+        if scale != 1.0:
+            datt *= dt.type(scale)
+    matmul(datt, k, out=dq)
+    matmul(datt.swapaxes(-1, -2), q, out=dk)
     return dq, dk, dv
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from hpcps.model.checks import check_dropout_keys, check_flat_buffer
 from hpcps.backend import CPU, Backend
 from hpcps.errors import UserError
 from hpcps.model.attention import self_attention_backward, self_attention_forward
@@ -272,18 +273,10 @@ class GPT:
         return idx, targets
 
     def _check_buffer(self, buf, what: str) -> None:
-        if buf.shape != (self.layout.total,) or buf.dtype.kind != "f":
-            raise UserError(f"{what} must be a flat float buffer of {self.layout.total} elements "
-                            f"(the model's layout), got shape {buf.shape} {buf.dtype}")
+        check_flat_buffer(buf, self.layout.total, what)
 
     def _check_keys(self, keys, batch: int):
-        if keys is None or self.dropout == 0.0:
-            return None
-        keys = np.asarray(keys)
-        if keys.shape != (batch,) or keys.dtype.kind not in "iu":
-            raise UserError(f"dropout_keys must be {batch} integers (one per sequence), "
-                            f"got shape {keys.shape}")
-        return keys
+        return check_dropout_keys(keys, batch, self.dropout, "sequence")
 
     def _views(self, buf) -> dict:
         # the cached views keep ``buf`` alive, so an address cannot be reused by another buffer

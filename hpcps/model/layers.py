@@ -13,6 +13,10 @@ gradient checks). Conventions, as in llm.c:
   A backward may overwrite its cache in place (it is called once per forward).
 
 Linear weights are stored (out_features, in_features) like ``torch.nn.Linear``.
+
+On CuPy the row reductions and elementwise chains (LayerNorm, GELU, softmax
+cross-entropy) run as fused kernels from ``hpcps.gpu.kernels`` and the GEMMs at
+``gpu.compute_dtype`` (``matmul``); the NumPy code path is unchanged.
 """
 
 from __future__ import annotations
@@ -23,11 +27,21 @@ from typing import Optional
 import numpy as np
 
 from hpcps.backend import array_module
+from hpcps.gpu import is_cupy
 from hpcps.model.workspace import Workspace, scratch
 
 GELU_K = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
 ONE_HOT_LIMIT = 1 << 22   # rows x vocab below which a one-hot GEMM beats a scatter on CPU
+
+
+def matmul(a, b, out=None):
+    """``xp.matmul(a, b, out=out)``; on CuPy at gpu.compute_dtype (TF32 / bf16 tensor cores)."""
+    xp = array_module(a)
+    if is_cupy(xp):
+        from hpcps.gpu.precision import matmul as gpu_matmul
+        return gpu_matmul(a, b, out)
+    return xp.matmul(a, b, out=out)
 
 
 def ones(ws: Workspace, n: int, dtype, scale: float = 1.0):
@@ -93,6 +107,12 @@ def normalize_forward(x, eps: float, ws: Workspace, name: str):
     c = x.shape[-1]
     x2 = x.reshape(-1, c)
     dt = x.dtype
+    if is_cupy(xp):   # one kernel: mean, variance and xhat per row
+        from hpcps.gpu import kernels
+        xhat = ws.get(name + ".xhat", x2.shape, dt)
+        rstd = ws.get(name + ".rstd", x2.shape[:1], dt)
+        kernels.layernorm_forward(xp.ascontiguousarray(x2), eps, xhat, rstd)
+        return xhat, rstd
     mean = xp.matmul(x2, ones(ws, c, dt, 1.0 / c))
     xhat = ws.get(name + ".xhat", x2.shape, dt)
     xp.subtract(x2, mean[:, None], out=xhat)
@@ -108,6 +128,10 @@ def normalize_forward(x, eps: float, ws: Workspace, name: str):
 def normalize_backward(dxhat, xhat, rstd, ws: Workspace):
     """dx from d(xhat), in place in dxhat: rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))."""
     xp = ws.xp
+    if is_cupy(xp):
+        from hpcps.gpu import kernels
+        kernels.layernorm_backward(dxhat, xhat, rstd, dxhat)
+        return dxhat
     c = xhat.shape[1]
     dt = xhat.dtype
     mean_d = xp.matmul(dxhat, ones(ws, c, dt, 1.0 / c))
@@ -183,7 +207,7 @@ def layernorm_linear_forward(x, ln_weight, ln_bias, weight, bias=None, *, out_sc
             b_eff *= out_scale
     if out is None:
         out = ws.get(name + ".out", (xhat.shape[0], weight.shape[0]), dt)
-    xp.matmul(xhat, w_eff.T, out=out)
+    matmul(xhat, w_eff.T, out=out)
     if b_eff is not None:
         out += b_eff
     cache = (xhat, rstd, weight, w_eff, ln_weight, ln_bias, out_scale, x.shape)
@@ -201,7 +225,7 @@ def layernorm_linear_backward(dout, cache, dln_weight, dln_bias, dweight, dbias=
     dt = xhat.dtype
     d2 = dout.reshape(-1, weight.shape[0])
     m = ws.get(name + ".m", weight.shape, dt)
-    xp.matmul(d2.T, xhat, out=m)                      # dout^T xhat, the one big GEMM here
+    matmul(d2.T, xhat, out=m)                         # dout^T xhat, the one big GEMM here
     col = None
     if has_ln_bias or dbias is not None:
         col = ones(ws, d2.shape[0], dt) @ d2          # column sums of dout
@@ -221,7 +245,7 @@ def layernorm_linear_backward(dout, cache, dln_weight, dln_bias, dweight, dbias=
     if has_ln_bias:
         _store(dln_bias, col @ weight, accumulate)
     dxhat = ws.get(name + ".dx", xhat.shape, dt)
-    xp.matmul(d2, w_eff, out=dxhat)
+    matmul(d2, w_eff, out=dxhat)
     return normalize_backward(dxhat, xhat, rstd, ws).reshape(x_shape)
 
 
@@ -245,7 +269,7 @@ def linear_forward(x, weight, bias=None, ws: Optional[Workspace] = None, name: s
     x2 = x.reshape(-1, x.shape[-1])
     if out is None:
         out = ws.get(name + ".out", (x2.shape[0], weight.shape[0]), x.dtype)
-    xp.matmul(x2, weight.T, out=out)
+    matmul(x2, weight.T, out=out)
     if bias is not None:
         out += bias
     return out.reshape(x.shape[:-1] + (weight.shape[0],)), (x2, weight, x.shape)
@@ -260,16 +284,16 @@ def linear_backward(dout, cache, dweight, dbias=None, ws: Optional[Workspace] = 
     d2 = dout.reshape(-1, weight.shape[0])
     if accumulate:
         dw = ws.get(name + ".dw", weight.shape, weight.dtype)
-        xp.matmul(d2.T, x2, out=dw)
+        matmul(d2.T, x2, out=dw)
         dweight += dw
     else:
-        xp.matmul(d2.T, x2, out=dweight)
+        matmul(d2.T, x2, out=dweight)
     if dbias is not None:
         column_sum_into(dbias, d2, ws, accumulate)
     if not need_dx:
         return None
     dx = ws.get(name + ".dx", x2.shape, x2.dtype)
-    xp.matmul(d2, weight, out=dx)
+    matmul(d2, weight, out=dx)
     return dx.reshape(x_shape)
 
 
@@ -285,6 +309,11 @@ def gelu_forward(x, ws: Optional[Workspace] = None, name: str = "gelu"):
     xp = array_module(x)
     ws = scratch(ws, xp)
     dt = x.dtype
+    if is_cupy(xp):   # value and derivative in one elementwise kernel
+        from hpcps.gpu import kernels
+        out, grad = ws.get(name + ".out", x.shape, dt), ws.get(name + ".grad", x.shape, dt)
+        kernels.gelu_forward(x, out, grad)
+        return out, grad
     q = ws.get("tmp.gelu.q", x.shape, dt)
     h = ws.get("tmp.gelu.h", x.shape, dt)
     xp.multiply(x, x, out=q)
@@ -334,6 +363,8 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -1,
     l2 = logits.reshape(-1, v)
     t = targets.reshape(-1)
     n, dt = l2.shape[0], logits.dtype
+    if is_cupy(xp):
+        return _cross_entropy_forward_fused(xp, l2, t, ignore_index, ws, name)
     probs = ws.get(name + ".probs", (n, v), dt)
     row_max = l2.max(axis=1, keepdims=True)
     xp.subtract(l2, row_max, out=probs)
@@ -350,8 +381,32 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -1,
     return loss, (probs, safe_t, valid, count)
 
 
+class _FusedXentCache(tuple):
+    """(probs, targets, ignore_index, count) of the fused CuPy cross-entropy."""
+
+
+def _cross_entropy_forward_fused(xp, l2, t, ignore_index: int, ws: Workspace, name: str):
+    """One kernel writes the probabilities and each row's -log p[target]; the loss stays a
+    device scalar (no synchronisation here)."""
+    from hpcps.gpu import kernels
+    n, v = l2.shape
+    dt = l2.dtype
+    probs = ws.get(name + ".probs", (n, v), dt)
+    nll = ws.get(name + ".nll", (n,), dt)
+    t = xp.ascontiguousarray(t if t.dtype.name in ("int64", "int32") else t.astype(xp.int64))
+    kernels.cross_entropy_forward(xp.ascontiguousarray(l2), t, ignore_index, probs, nll)
+    count = xp.maximum((t != ignore_index).sum(), 1).astype(dt)
+    return nll.sum() / count, _FusedXentCache((probs, t, ignore_index, count))
+
+
 def cross_entropy_backward(cache, dloss: float = 1.0):
     """d loss / d logits (2-D, rows x vocab), computed in the cached probabilities."""
+    if isinstance(cache, _FusedXentCache):
+        from hpcps.gpu import kernels
+        probs, t, ignore_index, count = cache
+        scale = array_module(probs).divide(float(dloss), count).astype(probs.dtype).reshape(1)
+        kernels.cross_entropy_backward(probs, t, ignore_index, scale)
+        return probs
     probs, safe_t, valid, count = cache
     xp = array_module(probs)
     probs[xp.arange(probs.shape[0]), safe_t] -= 1

@@ -31,7 +31,23 @@ def open_lm_corpus(cfg, kinds=("lm",)):
     return corpus
 
 
-class GPTWorkload(Workload):
+class TokenStreamWorkload(Workload):
+    """A workload that reads windows of one token stream (gpt, bert): the per-split
+    batchers and moving arrays to the device."""
+
+    def _device(self, array):
+        return self.backend.asarray(array) if self.backend.is_gpu else array
+
+    def batcher(self, split: str) -> LMBatcher:
+        """Tokens are loaded on first use: server ranks never read the corpus."""
+        if split not in self._batchers:
+            tokens = load_split(self.corpus, split, self.cfg.data.in_memory_mb)
+            stream = TRAIN_STREAM if split == "train" else VAL_STREAM
+            self._batchers[split] = LMBatcher(tokens, self.block_size, self.seed, stream)
+        return self._batchers[split]
+
+
+class GPTWorkload(TokenStreamWorkload):
     name = "gpt"
 
     def __init__(self, cfg, backend, corpus):
@@ -57,17 +73,6 @@ class GPTWorkload(Workload):
         self._batchers = {}
         self.dropout = m.dropout
         self.tokenizer = corpus.tokenizer
-
-    def _device(self, array):
-        return self.backend.asarray(array) if self.backend.is_gpu else array
-
-    def batcher(self, split: str) -> LMBatcher:
-        """Tokens are loaded on first use: server ranks never read the corpus."""
-        if split not in self._batchers:
-            tokens = load_split(self.corpus, split, self.cfg.data.in_memory_mb)
-            stream = TRAIN_STREAM if split == "train" else VAL_STREAM
-            self._batchers[split] = LMBatcher(tokens, self.block_size, self.seed, stream)
-        return self._batchers[split]
 
     def train_batch(self, step, lo, hi):
         return self.batcher("train").batch(step, lo, hi)
