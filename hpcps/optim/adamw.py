@@ -3,7 +3,8 @@
 Matches torch.optim.AdamW (non-fused): decay ``p *= 1 - lr*wd`` on the decayed
 ranges, bias-corrected moments, ``eps`` added after the bias-corrected sqrt.
 The update is done in place with one scratch buffer, so a server shard holds
-exactly params + m + v + scratch.
+exactly params + m + v + scratch. On CuPy the whole update is one fused kernel
+(``hpcps.gpu.kernels.adamw_update``) with a per-element decay flag instead.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from hpcps.gpu import is_cupy
 
 
 class AdamW:
@@ -24,11 +27,25 @@ class AdamW:
         self.xp = xp
         self.m = xp.zeros(n, dtype=xp.float32)
         self.v = xp.zeros(n, dtype=xp.float32)
-        self._tmp = xp.empty(n, dtype=xp.float32)
         self.t = 0  # updates applied so far (bias correction)
+        self._decay = None
+        if is_cupy(xp):   # fused kernel: a decay flag per element, no scratch
+            flags = np.zeros(n, dtype=np.uint8)
+            for a, b in self.decay_ranges:
+                flags[a:b] = 1
+            self._decay = xp.asarray(flags)
+        else:
+            self._tmp = xp.empty(n, dtype=xp.float32)
 
     def step(self, params, grad, lr: float, grad_scale: float = 1.0) -> None:
         """params -= AdamW(grad * grad_scale); params, grad: 1-D fp32 of length n."""
+        if self._decay is not None:
+            from hpcps.gpu.kernels import adamw_update
+            self.t += 1
+            adamw_update(params, grad, self.m, self.v, self._decay, lr=lr, beta1=self.beta1,
+                         beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay,
+                         t=self.t, grad_scale=grad_scale)
+            return
         xp, tmp, m, v = self.xp, self._tmp, self.m, self.v
         b1, b2 = self.beta1, self.beta2
         self.t += 1
