@@ -1,4 +1,5 @@
-"""hpcps info: versions, MPI library, CUDA-awareness, GPUs, HDF5 (and the role layout under mpirun)."""
+"""hpcps info: versions, MPI library, CUDA-awareness and the GPU transport path, GPUs, HDF5
+(and the role layout under mpirun)."""
 
 NAME = "info"
 HELP = "print versions, the MPI library and its features, GPUs, HDF5 settings and the role layout"
@@ -30,12 +31,22 @@ def gather_info(overrides=()) -> dict:
     info["hdf5_file_locking"] = os.environ.get("HDF5_USE_FILE_LOCKING", "default (on)")
     info["gpus"] = _gpus()
     cfg = load_config(None, overrides)
+    info["gpu_transport"] = _transport(cfg, info["mpi_cuda_aware"])
     roles = build_roles(cfg, comm if comm.Get_size() > 1 else None)
     info["ranks"] = comm.Get_size()
     info["roles"] = roles.describe()
     info["servers"] = roles.servers
     info["hosts"] = sorted(set(roles.hosts)) if roles.hosts else [platform.node()]
     return info
+
+
+def _transport(cfg, cuda_aware: str) -> str:
+    """How a GPU worker's buffers would reach MPI with this config (device = gpu)."""
+    from hpcps.gpu.transport import describe_path
+    plain = cfg.ps.compression == "none"
+    if cfg.device != "gpu":
+        return f"host (device = cpu); with device = gpu: {describe_path('gpu', cuda_aware, plain)}"
+    return describe_path("gpu", cuda_aware, plain)
 
 
 def _gpus() -> str:

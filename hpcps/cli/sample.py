@@ -1,0 +1,85 @@
+"""``hpcps sample``: generate text from a GPT checkpoint."""
+
+from __future__ import annotations
+
+NAME = "sample"
+HELP = ("Generate text from a GPT checkpoint with the tokenizer saved in it (temperature, "
+        "top-k; temperature 0 is greedy).")
+EXAMPLE = ('hpcps sample runs/default --prompt "def " --max-new-tokens 200 --temperature 0.8 '
+           "--top-k 40 --seed 1")
+
+SEPARATOR = "-" * 40   # printed between samples when there are several
+
+
+def _int_at_least(low: int):
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _temperature(text: str) -> float:
+    import argparse
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT",
+                        help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    parser.add_argument("--prompt", default="\n", metavar="TEXT",
+                        help="text to continue (default: a newline)")
+    parser.add_argument("--max-new-tokens", type=_int_at_least(0), default=200, metavar="N",
+                        help="tokens to generate after the prompt (default 200)")
+    parser.add_argument("--temperature", type=_temperature, default=0.8, metavar="T",
+                        help="divide the logits by T before sampling; 0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=_int_at_least(0), default=200, metavar="K",
+                        help="sample among the K most likely tokens; 0 = all (default 200)")
+    parser.add_argument("--seed", type=_int_at_least(0), default=1337, metavar="S",
+                        help="random seed: the same seed gives the same text (default 1337)")
+    parser.add_argument("--num-samples", type=_int_at_least(1), default=1, metavar="N",
+                        help="independent samples, separated by a line of '-' (default 1)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="run the model with NumPy (cpu, default) or CuPy (gpu)")
+
+
+def run(args) -> int:
+    import sys
+
+    from hpcps.backend import get_backend
+    from hpcps.errors import UserError
+    from hpcps.inference import generate, load_gpt
+
+    loaded = load_gpt(args.checkpoint, backend=get_backend(args.device), purpose="hpcps sample")
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        raise UserError(f"checkpoint {loaded.checkpoint.path} has no tokenizer to encode the "
+                        f"prompt")
+    try:
+        prompt_ids = tokenizer.encode(args.prompt)
+    except UserError as err:
+        raise UserError(f"the prompt cannot be encoded by the checkpoint's {tokenizer.kind} "
+                        f"tokenizer: {err}") from None
+    ids = generate(loaded.model, loaded.params, prompt_ids, args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k or None,
+                   num_samples=args.num_samples, seed=args.seed)
+    for i, row in enumerate(ids):
+        if i:
+            print(SEPARATOR)
+        text = tokenizer.decode(row)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+    return 0

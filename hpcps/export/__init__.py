@@ -1,0 +1,90 @@
+"""Export a checkpoint to other tools' formats.
+
+``export_checkpoint(path, fmt, out, overwrite=False)`` with ``fmt``:
+
+- ``hf-gpt2``: a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads
+  (GPT checkpoints only; see ``hf_gpt2``);
+- ``npz``: one ``.npz`` of every named tensor plus the config as JSON (any workload;
+  see ``npz``).
+
+Output appears only when complete: it is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from hpcps.errors import UserError
+
+FORMATS = ("hf-gpt2", "npz")
+
+
+@dataclass
+class ExportResult:
+    path: str          # the directory (hf-gpt2) or file (npz) written
+    files: list        # file names (hf-gpt2) or npz keys (npz)
+    step: int
+    checkpoint: str
+
+
+def export_checkpoint(path: str, fmt: str, out: str, overwrite: bool = False) -> ExportResult:
+    from hpcps.checkpoint import open_checkpoint
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    ck = open_checkpoint(path)
+    if fmt == "hf-gpt2":
+        from hpcps.export import hf_gpt2
+        hf_gpt2.check_representable(ck)      # before anything is created
+        files = _write_dir(out, overwrite, lambda tmp: hf_gpt2.export(ck, tmp))
+        return ExportResult(out, files, ck.step, ck.path)
+    from hpcps.export import npz
+    if not out.endswith(".npz"):
+        out += ".npz"
+    keys = _write_file(out, overwrite, lambda fh: npz.export(ck, fh))
+    return ExportResult(out, keys, ck.step, ck.path)
+
+
+def _check_target(out: str, overwrite: bool, want_dir: bool) -> None:
+    if not os.path.exists(out):
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise UserError(f"output {out}: directory {parent} does not exist")
+        return
+    if want_dir and not os.path.isdir(out):
+        raise UserError(f"output {out} exists and is not a directory")
+    if not want_dir and os.path.isdir(out):
+        raise UserError(f"output {out} is a directory; give a .npz file name")
+    if not overwrite and not (want_dir and not os.listdir(out)):
+        raise UserError(f"output {out} already exists (use --overwrite to replace it)")
+
+
+def _write_dir(out: str, overwrite: bool, write) -> list:
+    _check_target(out, overwrite, want_dir=True)
+    tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        files = write(tmp)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files
+
+
+def _write_file(out: str, overwrite: bool, write) -> list:
+    _check_target(out, overwrite, want_dir=False)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            result = write(fh)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return result
