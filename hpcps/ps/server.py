@@ -194,8 +194,10 @@ class Server:
         norm, scale = clip_coefficient(total_sumsq, self.cfg.train.grad_clip)
         for h in heads:
             self.hist[min(max(0, self.version - int(h[Header.PULLED_VERSION])), HIST_BINS - 1)] += 1
-        # the step's stats are published before the version moves (the lead worker waits
-        # for them right after its push, while this server updates)
+        # the step's stats and staleness counts are published before the version moves (the
+        # lead worker reads them right after its push, while this server updates)
+        self.wins.add_block(self.me, self.L.hist, self.hist)
+        self.hist[:] = 0
         if self.is_coordinator:
             self.wins.write_block(self.me, C.LAST_LOSS,
                                   np.array([f2i(loss), f2i(norm), self.version + 1], dtype=np.int64))
@@ -238,9 +240,6 @@ class Server:
         self.version += 1
         self.wins.write(self.me, C.VERSION, self.version)
         self.wins.end_write()
-        if self.mode == "bsp" and self.hist.any():
-            self.wins.add_block(self.me, self.L.hist, self.hist)
-            self.hist[:] = 0
 
     def _allreduce_servers(self, value: float) -> float:
         comm = self.roles.server_comm

@@ -94,6 +94,9 @@ class Trainer:
                                           "(requeue me)")
                 return EXIT_REQUEUE
             if end:
+                if self.is_lead and step > self.start_step:
+                    self.progress.message(f"done: {step} steps, {self.wall():.0f} s of training; "
+                                          f"run directory {self.cfg.out_dir}")
                 return EXIT_OK
             self.train_step(step)
             step += 1
