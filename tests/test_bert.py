@@ -325,7 +325,7 @@ def test_workload_config_errors(shakespeare_corpus, make_corpus):
 
 
 @pytest.mark.timeout(90)
-def test_short_training_beats_the_unigram_baseline(shakespeare_corpus):
+def test_short_training_beats_the_unigram_baseline(shakespeare_corpus, real_shakespeare):
     from hpcps.optim import AdamW
     from hpcps.workloads.bert import build
     w = build(_bert_cfg(shakespeare_corpus, "model.n_layer=1", "model.n_head=4",

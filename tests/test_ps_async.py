@@ -179,7 +179,7 @@ CONVERGE = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_async_modes_reach_bsp_val_loss(mpi_impl, tmp_path, shakespeare_corpus):
+def test_async_modes_reach_bsp_val_loss(mpi_impl, tmp_path, shakespeare_corpus, real_shakespeare):
     workers = 2
     val = {}
     for mode in ("bsp", "asp", "ssp"):

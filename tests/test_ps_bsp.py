@@ -165,7 +165,8 @@ def test_bench_train_runs_every_experiment(tmp_path, shakespeare_corpus):
            "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16",
            "train.batch_size=2", "train.eval_steps=1", "--steps", "6", "--warmup", "2",
            "--repeats", "1", "--workers", "2", "--straggler-workers", "2",
-           "--straggler-steps", "10", "--mpirun", mpich_mpirun(), "--json"]
+           "--straggler-steps", "10", "--checkpoint-every", "4", "--mpirun", mpich_mpirun(),
+           "--json"]
     report = json.loads(check_ok(run_command(cmd, 200, mpi_env("mpich"))).stdout)
     assert report["overhead"]["ratio_median"] > 0
     assert {r["mode"] for r in report["scaling"]} == {"bsp", "ssp", "asp", "allreduce"}
@@ -173,3 +174,6 @@ def test_bench_train_runs_every_experiment(tmp_path, shakespeare_corpus):
     for mode in ("bsp", "ssp", "asp"):
         assert report["straggler"][mode]["tokens_per_s"] > 0
         assert math.isfinite(report["straggler"][mode]["val_loss"])
+    ck = report["checkpoint"]
+    assert ck["every"] == 4 and ck["steps"] == 14 and len(ck["overhead"]) == 1
+    assert min(ck["with_step_s"] + ck["without_step_s"]) > 0

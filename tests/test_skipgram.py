@@ -241,7 +241,7 @@ def test_short_training_beats_the_initial_loss_by_a_clear_margin(trained_run):
     assert last["val_pair_accuracy"] > 1.4 / (k + 1), last       # chance: 1 / (k + 1)
 
 
-def test_embed_writes_word2vec_text_and_neighbours(trained_run, tmp_path, capsys):
+def test_embed_writes_word2vec_text_and_neighbours(trained_run, tmp_path, capsys, real_shakespeare):
     out = tmp_path / "vectors.txt"
     assert hpcps_main(["embed", str(trained_run), "-o", str(out), "--neighbours", "e", "▁",
                        "--top", "3"]) == 0

@@ -10,6 +10,9 @@ Experiments (``--experiments``, default all):
 - ``scaling``: tokens/s of bsp, ssp, asp and allreduce at W = 2, 4, 7 workers.
 - ``straggler``: W workers, the last one ``--straggler-factor`` times slower: tokens/s of
   ssp(``--staleness``) and asp relative to bsp, and the final val loss of each.
+- ``checkpoint``: BSP 1 server + 1 worker with ``checkpoint.every = --checkpoint-every`` vs
+  without periodic checkpoints, interleaved: the *mean* step time (checkpoint steps included)
+  of each, and the overhead (target <= 5 %).
 
 Throughput of a PS run is counted from every worker's pushes (the runs are traced
 with HPCPS_PS_TRACE): the tokens all workers pushed while all of them were still
@@ -31,7 +34,7 @@ from pathlib import Path
 
 from hpcps.errors import UserError
 
-EXPERIMENTS = ("overhead", "scaling", "straggler")
+EXPERIMENTS = ("overhead", "scaling", "straggler", "checkpoint")
 MODES = ("bsp", "ssp", "asp", "allreduce")
 # several ranks per core: one BLAS thread each, or their threads fight over the cores
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -55,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--staleness", type=int, default=3, help="ssp bound in the straggler runs")
     parser.add_argument("--straggler-steps", type=int, default=300,
                         help="steps per worker in the straggler runs (val loss is compared)")
+    parser.add_argument("--checkpoint-every", type=int, default=100,
+                        help="checkpoint interval in the checkpoint runs")
     parser.add_argument("--mpirun", default="mpirun",
                         help="launcher prefix, e.g. 'mpirun --oversubscribe --allow-run-as-root'")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
@@ -126,6 +131,14 @@ def median_step_s(records: list[dict], warmup: int) -> float:
     if not times:
         raise UserError("a run had no timed steps: raise --steps")
     return statistics.median(times)
+
+
+def mean_step_s(records: list[dict], warmup: int) -> float:
+    """Mean time per step after warm-up: a step that paid for a checkpoint counts in full."""
+    times = [r["step_s"] for r in records if r["step"] > warmup and "val_loss" not in r]
+    if not times:
+        raise UserError("a run had no timed steps: raise --steps")
+    return statistics.fmean(times)
 
 
 def traced_tokens_per_s(trace_dir: Path, warmup: int, tokens_per_push: int) -> float:
@@ -206,6 +219,22 @@ class Runner:
         return {"single_step_s": single, "bsp_1s1w_step_s": bsp, "ratio": ratios,
                 "ratio_median": statistics.median(ratios), "target": 1.10,
                 "tokens_per_step": self._per_step_tokens(1)}
+
+    def checkpoint(self) -> dict:
+        """Periodic checkpoints on vs off; the runs span several checkpoint intervals."""
+        a = self.args
+        total = a.warmup + max(a.steps, 3 * a.checkpoint_every)
+        base = [f"train.max_steps={total}", "ps.mode=bsp", "ps.servers=1"]
+        on, off, overheads = [], [], []
+        for _ in range(a.repeats):
+            _, rec_on = self.launch(2, [*base, f"checkpoint.every={a.checkpoint_every}"])
+            _, rec_off = self.launch(2, [*base, "checkpoint.every=0"])
+            on.append(mean_step_s(rec_on, a.warmup))
+            off.append(mean_step_s(rec_off, a.warmup))
+            overheads.append(on[-1] / off[-1] - 1.0)
+        return {"every": a.checkpoint_every, "steps": total, "with_step_s": on,
+                "without_step_s": off, "overhead": overheads,
+                "overhead_median": statistics.median(overheads), "target": 0.05}
 
     def _mode_args(self, mode: str, workers: int, extra=()) -> tuple[int, list[str]]:
         if mode == "allreduce":
@@ -294,4 +323,12 @@ def format_summary(result: dict) -> str:
             name = f"ssp({s['staleness']})" if mode == "ssp" else mode
             lines.append(f"  {name:7s} {m['tokens_per_s']:>10,.0f} tok/s  {m['speedup_vs_bsp']:.2f}x"
                          f"  val {m['val_loss']:.4f} ({m['val_delta_vs_bsp']:+.4f})")
+    if "checkpoint" in result:
+        c = result["checkpoint"]
+        lines.append(f"checkpoint: every {c['every']} steps, bsp 1 server + 1 worker, {c['steps']} "
+                     f"steps: overhead {100 * c['overhead_median']:+.1f}% of the mean step time "
+                     f"(target <= {100 * c['target']:.0f}%; per repeat "
+                     f"{', '.join(f'{100 * o:+.1f}%' for o in c['overhead'])}; with "
+                     f"{1e3 * statistics.median(c['with_step_s']):.2f} ms, without "
+                     f"{1e3 * statistics.median(c['without_step_s']):.2f} ms)")
     return "\n".join(lines)
