@@ -277,23 +277,7 @@ class Corpus:
 
     @classmethod
     def open(cls, path: str, verify: bool = False) -> "Corpus":
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise UserError(f"corpus file not found: {path}")
-        if os.path.isdir(path):
-            raise UserError(f"corpus path is a directory, not a file: {path}")
-        h5file = _open_h5(path)
-        try:
-            corpus = cls._from_file(path, h5file)
-            if verify:
-                corpus.verify()
-            return corpus
-        except UserError:
-            h5file.close()
-            raise
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
-            h5file.close()
-            raise UserError(f"corpus {path} is damaged: {_first_line(err)}") from None
+        return open_corpus_file(path, cls._from_file, verify)
 
     @classmethod
     def _from_file(cls, path: str, h5file) -> "Corpus":
@@ -383,6 +367,29 @@ class Corpus:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
+
+
+def open_corpus_file(path, from_file, verify: bool = False):
+    """``from_file(path, h5file)`` on the opened HDF5 file, then (with ``verify``) its
+    ``verify()``: every problem becomes one ``UserError`` naming the file, and the HDF5
+    handle is closed on the way out of a failure."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"corpus file not found: {path}")
+    if os.path.isdir(path):
+        raise UserError(f"corpus path is a directory, not a file: {path}")
+    h5file = _open_h5(path)
+    try:
+        corpus = from_file(path, h5file)
+        if verify:
+            corpus.verify()
+        return corpus
+    except UserError:
+        h5file.close()
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
+        h5file.close()
+        raise UserError(f"corpus {path} is damaged: {_first_line(err)}") from None
 
 
 def _open_h5(path: str):

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hpcps.data.corpus import FORMAT_NAME, FORMAT_VERSION, SPLITS, _attr, _first_line, _open_h5
+from hpcps.data.corpus import FORMAT_NAME, FORMAT_VERSION, SPLITS, _attr, open_corpus_file
 from hpcps.data.tokenizer import Tokenizer, token_dtype_for
 from hpcps.errors import UserError
 
@@ -240,24 +240,11 @@ class SequenceCorpus:
 
     @classmethod
     def open(cls, path, verify: bool = False) -> "SequenceCorpus":
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise UserError(f"corpus file not found: {path}")
-        if os.path.isdir(path):
-            raise UserError(f"corpus path is a directory, not a file: {path}")
-        h5file = _open_h5(path)
-        try:
-            corpus = cls._from_file(path, h5file)
-            if verify:
-                for name in SPLITS:
-                    corpus.split(name).verify()
-            return corpus
-        except UserError:
-            h5file.close()
-            raise
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
-            h5file.close()
-            raise UserError(f"corpus {path} is damaged: {_first_line(err)}") from None
+        return open_corpus_file(path, cls._from_file, verify)
+
+    def verify(self) -> None:
+        for name in SPLITS:
+            self.split(name).verify()
 
     @classmethod
     def _from_file(cls, path: str, h5file) -> "SequenceCorpus":
