@@ -152,9 +152,6 @@ def test_bad_input_is_one_line_and_exit_2(work):
     assert not (work / "syn_hf").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="an unknown subcommand option is reported by the top "
-                   "parser, which only knows the top-level options: needs the subcommand parser "
-                   "to report its own unrecognized arguments (hpcps/cli/__init__.py)")
 @pytest.mark.timeout(60)
 def test_unknown_option_suggests_the_closest(work):
     usage_error(hpcps("sample", "run_bad", "--temprature", "0.5", cwd=work),

@@ -64,6 +64,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and results")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
+    parser.subcommands = {}
     for mod in command_modules():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP,
                            epilog=f"example:\n  {mod.EXAMPLE}",
@@ -72,6 +73,7 @@ def build_parser() -> OneLineParser:
                        help="print only errors and results")
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
+        parser.subcommands[mod.NAME] = p
     return parser
 
 
@@ -88,7 +90,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet = any(a in ("-q", "--quiet") for a in argv)
     argv = [a for a in argv if a not in ("-q", "--quiet")]
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported by the subcommand's parser, which knows its options
+            parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
         args.quiet = quiet
         code = int(args._run(args) or 0)
     except UserError as err:
