@@ -77,6 +77,7 @@ def test_padded_self_attention_negative_control(monkeypatch):
         _, cache = real(q, k, v, **kw_nomask)
         return out, cache
     monkeypatch.setattr(encdec, "attention_forward", forgetful)
+    monkeypatch.setattr(encdec.attention, "attention_forward", forgetful)  # self-attention's
     report = check_layer_grad(_attention_loss([5, 2, 3]), _attention_params())
     assert not report.ok
     assert report.errors["w_qkv"] > 1e-2

@@ -156,13 +156,15 @@ def q_scale(ws: Workspace, c: int, n_head: int, dtype):
 
 
 def self_attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, n_head: int, *, causal: bool = True,
-                           ln=None, attn_dropout=None, out=None, ws: Optional[Workspace] = None,
-                           name: str = "attn"):
+                           ln=None, attn_bias=None, attn_dropout=None, out=None,
+                           ws: Optional[Workspace] = None, name: str = "attn"):
     """Fused q/k/v projection (w_qkv: (3C, C), rows q | k | v), attention, output projection.
 
     ln: optional (weight, bias-or-None) of a pre-LayerNorm applied to x first; it
     is fused into the q/k/v projection. The 1/sqrt(hs) score scale is folded into
     the q rows of the projection (a weight-sized pass instead of two score-sized).
+    attn_bias: optional additive score bias broadcast over (B, H, T, T), e.g. a key
+    padding mask (0 or -inf per key).
     out: optional (B*T, C) array for the result (the backward does not need it).
     """
     xp = array_module(x)
@@ -184,8 +186,9 @@ def self_attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, n_head: int, *, caus
     heads = qkv.reshape(b, t, 3, n_head, hs)
     q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
     y = ws.get(name + ".y", (b, t, n_head, hs), x.dtype)
-    _, att_cache = attention_forward(q, k, v, causal=causal, scale=1.0, dropout=attn_dropout,
-                                     out=y.transpose(0, 2, 1, 3), ws=ws, name=name)
+    _, att_cache = attention_forward(q, k, v, causal=causal, scale=1.0, attn_bias=attn_bias,
+                                     dropout=attn_dropout, out=y.transpose(0, 2, 1, 3), ws=ws,
+                                     name=name)
     out, proj_cache = linear_forward(y.reshape(b, t, c), w_proj, b_proj, ws, name + ".proj", out)
     return out, (qkv_cache, att_cache, proj_cache, n_head, scale, ln is not None)
 

@@ -31,7 +31,8 @@ from typing import Optional
 import numpy as np
 
 from hpcps.backend import array_module
-from hpcps.model.attention import attention_backward, attention_forward, q_scale, split_heads
+from hpcps.model import attention
+from hpcps.model.attention import attention_backward, attention_forward, split_heads
 from hpcps.model.layers import (dropout_mask, gelu_backward, gelu_forward,
                                 layernorm_linear_backward, layernorm_linear_forward,
                                 linear_backward, linear_forward)
@@ -129,39 +130,19 @@ def masked(d, mask, ws: Workspace, name: str = "bwd.masked"):
 def self_attention_forward(x, ln_w, ln_b, w_qkv, b_qkv, w_proj, b_proj, n_head: int, *,
                            causal: bool, key_bias=None, attn_dropout=None, out=None,
                            ws: Workspace, name: str):
-    """proj(attention(LN(x) W_qkv)) with an optional additive key mask (padding).
-
-    The LayerNorm is fused into the q/k/v projection and 1/sqrt(hs) into its q rows,
-    as in ``attention.self_attention_forward`` (which has no key mask).
-    """
-    b, t, c = x.shape
-    hs, dt = c // n_head, x.dtype
-    scale = q_scale(ws, c, n_head, dt)
-    qkv, qkv_cache = layernorm_linear_forward(x, ln_w, ln_b, w_qkv, b_qkv, out_scale=scale,
-                                              ws=ws, name=name + ".qkv")
-    heads = qkv.reshape(b, t, 3, n_head, hs)
-    q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    y = ws.get(name + ".y", (b, t, n_head, hs), dt)
-    _, att_cache = attention_forward(q, k, v, causal=causal, scale=1.0, attn_bias=key_bias,
-                                     dropout=attn_dropout, out=y.transpose(0, 2, 1, 3), ws=ws,
-                                     name=name)
-    proj, proj_cache = linear_forward(y.reshape(b, t, c), w_proj, b_proj, ws, name + ".proj", out)
-    return proj, (qkv_cache, att_cache, proj_cache, n_head)
+    """proj(attention(LN(x) W_qkv)) with an optional additive key mask (padding): the
+    pre-LN sublayer of ``attention.self_attention_forward`` in this module's argument order."""
+    return attention.self_attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, n_head,
+                                            causal=causal, ln=(ln_w, ln_b), attn_bias=key_bias,
+                                            attn_dropout=attn_dropout, out=out, ws=ws, name=name)
 
 
 def self_attention_backward(dout, cache, d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_proj, db_proj, *,
                             ws: Workspace, name: str, accumulate: bool = False):
     """dx of ``self_attention_forward``; parameter gradients stored (or added)."""
-    qkv_cache, att_cache, proj_cache, n_head = cache
-    b, t, c = dout.shape
-    hs = c // n_head
-    dy = linear_backward(dout, proj_cache, dw_proj, db_proj, ws, name + ".proj",
-                         accumulate=accumulate)
-    dqkv = ws.get(name + ".dqkv", (b, t, 3, n_head, hs), dout.dtype)
-    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    attention_backward(split_heads(dy, n_head), att_cache, dq, dk, dv, ws, name)
-    return layernorm_linear_backward(dqkv.reshape(b, t, 3 * c), qkv_cache, d_ln_w, d_ln_b,
-                                     dw_qkv, db_qkv, ws, name + ".qkv", accumulate=accumulate)
+    return attention.self_attention_backward(dout, cache, dw_qkv, db_qkv, dw_proj, db_proj,
+                                             d_ln=(d_ln_w, d_ln_b), ws=ws, name=name,
+                                             accumulate=accumulate)
 
 
 def cross_attention_forward(x, enc, ln_w, ln_b, w_q, b_q, w_kv, b_kv, w_proj, b_proj,
