@@ -85,16 +85,12 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
 # -- the GPT-2 mapping -------------------------------------------------------------------------
 def check_representable(ck) -> dict:
     """The checkpoint's GPT description, or a UserError saying why GPT-2 cannot hold it."""
-    from hpcps.inference import checkpoint_workload
+    from hpcps.inference import checkpoint_workload, require_gpt
     workload = checkpoint_workload(ck)
-    if workload != "gpt":
+    if workload != "gpt":  # say what to use instead
         raise UserError(f"--format hf-gpt2 cannot represent checkpoint {ck.path}: it holds a "
                         f"'{workload}' model, not a GPT (use --format npz)")
-    describe = ck.manifest.get("describe", {})
-    if "vocab_size" not in describe:
-        raise UserError(f"--format hf-gpt2: checkpoint {ck.path} does not record its vocabulary "
-                        f"size (manifest describe.vocab_size)")
-    return describe
+    return require_gpt(ck, "--format hf-gpt2")
 
 
 def gpt2_tensors(model, params: np.ndarray) -> dict:
