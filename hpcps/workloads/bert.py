@@ -16,7 +16,6 @@ the unigram baseline (always predict the most frequent training token).
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
@@ -158,20 +157,9 @@ class BertWorkload(TokenStreamWorkload):
                 "val_accuracy": sums["correct"] / count,
                 "val_unigram_accuracy": sums["unigram_correct"] / count}
 
-    def flops_per_item(self):
-        return self.model.flops_per_token() * self.block_size
-
-    def set_grad_ready_callback(self, callback):
-        self.model.on_grad_ready = callback
-
     def describe(self):
-        m, bc = self.cfg.model, self.cfg.bert
-        return {"workload": self.name, "n_params": self.layout.total,
-                "vocab_size": self.corpus_vocab + 1, "mask_id": self.mask_id,
-                "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd,
-                "block_size": m.block_size, "bias": m.bias, "mask_prob": bc.mask_prob,
-                "tokenizer": self.tokenizer.kind,
-                "tokenizer_sha256": hashlib.sha256(self.tokenizer.to_json().encode()).hexdigest()}
+        return {**self.describe_stream(self.corpus_vocab + 1), "mask_id": self.mask_id,
+                "mask_prob": self.cfg.bert.mask_prob}
 
 
 def build(cfg, backend, corpus=None):

@@ -46,6 +46,20 @@ class TokenStreamWorkload(Workload):
             self._batchers[split] = LMBatcher(tokens, self.block_size, self.seed, stream)
         return self._batchers[split]
 
+    def flops_per_item(self):
+        return self.model.flops_per_token() * self.block_size
+
+    def set_grad_ready_callback(self, callback):
+        self.model.on_grad_ready = callback
+
+    def describe_stream(self, vocab_size: int) -> dict:
+        """The checkpoint description both transformers share: shape and tokenizer."""
+        m = self.cfg.model
+        return {"workload": self.name, "n_params": self.layout.total, "vocab_size": vocab_size,
+                "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd,
+                "block_size": m.block_size, "bias": m.bias, "tokenizer": self.tokenizer.kind,
+                "tokenizer_sha256": hashlib.sha256(self.tokenizer.to_json().encode()).hexdigest()}
+
 
 class GPTWorkload(TokenStreamWorkload):
     name = "gpt"
@@ -106,19 +120,9 @@ class GPTWorkload(TokenStreamWorkload):
             return {}
         return {"wte": np.unique(batch[0])}
 
-    def flops_per_item(self):
-        return self.model.flops_per_token() * self.block_size
-
-    def set_grad_ready_callback(self, callback):
-        self.model.on_grad_ready = callback
-
     def describe(self):
-        m = self.cfg.model
-        return {"workload": self.name, "n_params": self.layout.total, "vocab_size": self.vocab_size,
-                "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd,
-                "block_size": m.block_size, "bias": m.bias, "tie_embeddings": m.tie_embeddings,
-                "tokenizer": self.tokenizer.kind,
-                "tokenizer_sha256": hashlib.sha256(self.tokenizer.to_json().encode()).hexdigest()}
+        return {**self.describe_stream(self.vocab_size),
+                "tie_embeddings": self.cfg.model.tie_embeddings}
 
 
 def build(cfg, backend, corpus=None):
