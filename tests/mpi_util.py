@@ -9,6 +9,7 @@ test fails with what the ranks printed, so a hung protocol never hangs the suite
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -153,3 +154,16 @@ def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess
 def read_metrics(run_dir) -> list[dict]:
     with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def mismatches(ours: list[dict], ref: list[dict], rel: float = 1e-5) -> list[str]:
+    """Differences beyond ``rel`` in per-step loss / grad_norm and the final val_loss of two
+    runs' metrics (e.g. bsp with W workers vs one process with the global batch)."""
+    if [r["step"] for r in ours] != [r["step"] for r in ref]:
+        return [f"steps {[r['step'] for r in ours]} != {[r['step'] for r in ref]}"]
+    problems = [f"step {a['step']} {key}: {a[key]!r} vs {b[key]!r}"
+                for a, b in zip(ours, ref) for key in ("loss", "grad_norm")
+                if not math.isclose(a[key], b[key], rel_tol=rel)]
+    if not math.isclose(ours[-1]["val_loss"], ref[-1]["val_loss"], rel_tol=rel):
+        problems.append(f"val_loss: {ours[-1]['val_loss']!r} vs {ref[-1]['val_loss']!r}")
+    return problems

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from mpi_util import (check_ok, mpi_env, mpich_mpirun, read_metrics, require_implementation,
+from mpi_util import (mismatches, check_ok, mpi_env, mpich_mpirun, read_metrics, require_implementation,
                       run_command, run_mpi)
 
 pytestmark = pytest.mark.mpi
@@ -21,7 +21,6 @@ BATCH = 2
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
         f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.eval_every=0",
         "train.eval_steps=2", "train.peak_flops=1e9"]
-REL = 1e-5
 
 
 def train_args(corpus, run_dir, batch: int, extra=()) -> list[str]:
@@ -44,20 +43,6 @@ def reference(shakespeare_corpus, tmp_path_factory):
             cache[key] = read_metrics(run)
         return cache[key]
     return get
-
-
-def mismatches(ours: list[dict], ref: list[dict], rel: float = REL) -> list[str]:
-    """Differences beyond ``rel`` in per-step loss / grad_norm and the final val_loss."""
-    problems = []
-    if [r["step"] for r in ours] != [r["step"] for r in ref]:
-        return [f"steps {[r['step'] for r in ours]} != {[r['step'] for r in ref]}"]
-    for a, b in zip(ours, ref):
-        for key in ("loss", "grad_norm"):
-            if not math.isclose(a[key], b[key], rel_tol=rel):
-                problems.append(f"step {a['step']} {key}: {a[key]!r} vs {b[key]!r}")
-    if not math.isclose(ours[-1]["val_loss"], ref[-1]["val_loss"], rel_tol=rel):
-        problems.append(f"val_loss: {ours[-1]['val_loss']!r} vs {ref[-1]['val_loss']!r}")
-    return problems
 
 
 # (servers, workers): every S in 1..3 with W in {1, 2, 5}, total ranks 2..8 (odd ones too)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from mpi_util import check_ok, mpi_env, read_metrics, require_implementation, run_command, run_mpi
+from mpi_util import mismatches, check_ok, mpi_env, read_metrics, require_implementation, run_command, run_mpi
 
 try:
     from test_rnn import make_classification_corpus
@@ -24,7 +24,6 @@ pytestmark = pytest.mark.mpi
 
 STEPS = 6
 BATCH = 16
-REL = 1e-5
 BPE_VOCAB = 1024
 SKIPGRAM_DIM = 16
 COMMON = [f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.eval_every=0",
@@ -71,17 +70,6 @@ def reference(corpora, tmp_path_factory):
             cache[workload, batch] = read_metrics(run)
         return cache[workload, batch]
     return get
-
-
-def mismatches(ours: list[dict], ref: list[dict], rel: float = REL) -> list[str]:
-    if [r["step"] for r in ours] != [r["step"] for r in ref]:
-        return [f"steps {[r['step'] for r in ours]} != {[r['step'] for r in ref]}"]
-    problems = [f"step {a['step']} {key}: {a[key]!r} vs {b[key]!r}"
-                for a, b in zip(ours, ref) for key in ("loss", "grad_norm")
-                if not math.isclose(a[key], b[key], rel_tol=rel)]
-    if not math.isclose(ours[-1]["val_loss"], ref[-1]["val_loss"], rel_tol=rel):
-        problems.append(f"val_loss: {ours[-1]['val_loss']!r} vs {ref[-1]['val_loss']!r}")
-    return problems
 
 
 @pytest.mark.timeout(120)

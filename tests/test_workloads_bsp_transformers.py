@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from mpi_util import (check_ok, mpi_env, read_metrics, require_implementation, run_command,
+from mpi_util import (mismatches, check_ok, mpi_env, read_metrics, require_implementation, run_command,
                       run_mpi)
 
 pytestmark = pytest.mark.mpi
@@ -62,19 +62,6 @@ def single_runs(corpora, tmp_path_factory):
             cache[workload] = read_metrics(run)
         return cache[workload]
     return get
-
-
-def mismatches(ours: list[dict], ref: list[dict], rel: float = REL) -> list[str]:
-    problems = []
-    if [r["step"] for r in ours] != [r["step"] for r in ref]:
-        return [f"steps {[r['step'] for r in ours]} != {[r['step'] for r in ref]}"]
-    for a, b in zip(ours, ref):
-        for key in ("loss", "grad_norm"):
-            if not math.isclose(a[key], b[key], rel_tol=rel):
-                problems.append(f"step {a['step']} {key}: {a[key]!r} vs {b[key]!r}")
-    if not math.isclose(ours[-1]["val_loss"], ref[-1]["val_loss"], rel_tol=rel):
-        problems.append(f"val_loss: {ours[-1]['val_loss']!r} vs {ref[-1]['val_loss']!r}")
-    return problems
 
 
 @pytest.mark.timeout(200)
