@@ -96,3 +96,15 @@ def check_layer_grad(forward_loss: ForwardLoss, params: dict, eps: float = 1e-6,
 def projection(shape: tuple, seed: int = 1) -> np.ndarray:
     """A fixed random upstream gradient R: loss = sum(out * R) makes every output matter."""
     return np.random.default_rng(seed).standard_normal(shape)
+
+
+def break_gelu_derivative(monkeypatch) -> None:
+    """Negative control for whole-model checks: the cached GELU derivative forgets its
+    cubic term (a subtle error a gradient check must still catch)."""
+    from hpcps.model import layers
+    real = layers._gelu_derivative
+
+    def wrong(x, q, h, y, grad):
+        q[...] = layers.GELU_K
+        real(x, q, h, y, grad)
+    monkeypatch.setattr(layers, "_gelu_derivative", wrong)
