@@ -53,7 +53,7 @@ def overrides(args, seed: int) -> list[str]:
 
 def val_loss(workload, params: np.ndarray, corpus_path: str) -> float:
     from hpcps.data.corpus import Corpus
-    from hpcps.inference import loss_over_tokens
+    from hpcps.inference.gpt import loss_over_tokens
     with Corpus.open(corpus_path) as corpus:
         tokens = np.asarray(corpus.split("val").load())
     total, count = loss_over_tokens(workload.model, params, lambda lo, hi: tokens[lo:hi],

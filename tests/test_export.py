@@ -14,7 +14,7 @@ import pytest
 from hpcps.checkpoint import open_checkpoint
 from hpcps.cli import main
 from hpcps.export import hf_gpt2, npz
-from hpcps.inference import load_gpt
+from hpcps.inference.gpt import load_gpt
 from hpcps.model.gpt import GPT
 
 TEXT = ("It was the best of times, it was the worst of times; it was the age of wisdom, "

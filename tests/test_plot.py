@@ -126,7 +126,7 @@ def two_runs(tmp_path):
 @pytest.mark.timeout(120)
 def test_plot_two_runs_writes_a_png(tmp_path, two_runs):
     pytest.importorskip("matplotlib")
-    from hpcps.plot import plot_runs
+    from hpcps.metrics.plot import plot_runs
 
     out = tmp_path / "curves.png"
     # per run: train + val loss in two panels and tokens/s = 5; the asp run adds staleness
@@ -161,7 +161,7 @@ def test_plot_cli_labels_and_errors(tmp_path, two_runs, capsys):
 
 
 def test_plot_without_matplotlib_is_a_user_error(tmp_path, two_runs, monkeypatch):
-    from hpcps.plot import plot_runs
+    from hpcps.metrics.plot import plot_runs
 
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(UserError, match=r"plot needs matplotlib \(pip install 'hpcps\[plot\]'\)"):
@@ -169,7 +169,7 @@ def test_plot_without_matplotlib_is_a_user_error(tmp_path, two_runs, monkeypatch
 
 
 def test_wall_clock_restart_after_resume_keeps_time_increasing(tmp_path):
-    from hpcps.plot import load_curves
+    from hpcps.metrics.plot import load_curves
 
     run = tmp_path / "resumed"
     run.mkdir()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from hpcps.cli import main
-from hpcps.inference import (draw, eval_windows, generate, load_gpt, loss_over_tokens,
+from hpcps.inference.gpt import (draw, eval_windows, generate, load_gpt, loss_over_tokens,
                              next_token_distribution)
 from hpcps.model.gpt import GPT
 

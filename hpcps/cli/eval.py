@@ -67,7 +67,7 @@ def run(args) -> int:
     from hpcps.backend import get_backend
     from hpcps.data.corpus import Corpus
     from hpcps.data.progress import Progress
-    from hpcps.inference import load_gpt, loss_over_tokens
+    from hpcps.inference.gpt import load_gpt, loss_over_tokens
 
     loaded = load_gpt(args.checkpoint, backend=get_backend(args.device), purpose="hpcps eval")
     with Corpus.open(args.data) as corpus:

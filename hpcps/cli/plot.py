@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from hpcps.plot import plot_runs
+    from hpcps.metrics.plot import plot_runs
     from hpcps.runtime.mpi import say
 
     labels = None

@@ -61,7 +61,7 @@ def run(args) -> int:
 
     from hpcps.backend import get_backend
     from hpcps.errors import UserError
-    from hpcps.inference import generate, load_gpt
+    from hpcps.inference.gpt import generate, load_gpt
 
     loaded = load_gpt(args.checkpoint, backend=get_backend(args.device), purpose="hpcps sample")
     tokenizer = loaded.tokenizer

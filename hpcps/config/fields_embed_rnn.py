@@ -1,6 +1,6 @@
 """Config keys of the skip-gram and RNN-classifier workloads."""
 
-from hpcps.config.schema import field, section
+from hpcps.config.fields import field, section
 
 # -- skip-gram ----------------------------------------------------------------------------
 section("skipgram", "Skip-gram with negative sampling (word2vec) on any prepared LM corpus.")

@@ -5,7 +5,7 @@ n_embd, bias, dropout; block_size is the MLM sequence length). What is specific 
 each lives here.
 """
 
-from hpcps.config.schema import field, section
+from hpcps.config.fields import field, section
 
 # -- bert ------------------------------------------------------------------------------
 section("bert", "BERT-style masked language model (workload = bert).")

@@ -11,8 +11,8 @@ from hpcps.config.schema import AUTO, FIELDS, SECTION_HELP, Field
 
 HEADER = """# Configuration reference
 
-Generated from the schema (`hpcps/config/schema.py` and the workload sections it
-registers) by `python -m hpcps.config.reference`; do not edit by hand.
+Generated from the schema (`hpcps/config/fields_*.py`, assembled by
+`hpcps/config/schema.py`) by `python -m hpcps.config.reference`; do not edit by hand.
 
 A run is configured by a TOML file plus `key=value` overrides on the command line,
 applied in that order:

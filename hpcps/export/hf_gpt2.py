@@ -85,7 +85,7 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
 # -- the GPT-2 mapping -------------------------------------------------------------------------
 def check_representable(ck) -> dict:
     """The checkpoint's GPT description, or a UserError saying why GPT-2 cannot hold it."""
-    from hpcps.inference import checkpoint_workload, require_gpt
+    from hpcps.inference.gpt import checkpoint_workload, require_gpt
     workload = checkpoint_workload(ck)
     if workload != "gpt":  # say what to use instead
         raise UserError(f"--format hf-gpt2 cannot represent checkpoint {ck.path}: it holds a "
@@ -139,7 +139,7 @@ def gpt2_config(model, dropout: float) -> dict:
 def export(ck, out_dir: str) -> list[str]:
     """Write the Hugging Face directory into ``out_dir`` (which exists and is empty);
     returns the file names written."""
-    from hpcps.inference import build_gpt
+    from hpcps.inference.gpt import build_gpt
     check_representable(ck)
     model = build_gpt(ck)
     tensors = gpt2_tensors(model, ck.params())

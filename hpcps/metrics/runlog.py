@@ -1,6 +1,8 @@
-"""Reading a run directory: ``metrics.jsonl`` records and the resolved ``config.toml``.
+"""A run directory's ``metrics.jsonl``: written by the trainer, read by ``metrics``/``plot``.
 
-The trainer appends one JSON object per step to ``metrics.jsonl``. After a resume
+The trainer appends one JSON object per step to ``metrics.jsonl`` (``MetricsWriter``);
+on resume from step k the file is rewritten (atomically) without the records of
+steps > k, so it stays one record per step however often a job is restarted. After a resume
 the same step can appear twice (the last record wins), and a writer killed
 mid-line leaves a torn last line (skipped with a warning). Anything else malformed
 is a ``UserError`` naming the line.
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, TextIO, Union
@@ -21,6 +25,51 @@ CONFIG_FILE = "config.toml"
 
 PathLike = Union[str, Path]
 Warn = Callable[[str], None]
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str, resume_step: Optional[int]):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        os.makedirs(run_dir, exist_ok=True)
+        if resume_step is None:
+            mode = "w"
+        else:
+            self._truncate_after(resume_step)
+            mode = "a"
+        self.fh = open(self.path, mode, encoding="utf-8")
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a killed writer
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    kept.append(json.dumps(record) + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        clean = {k: _finite(v) for k, v in record.items()}
+        self.fh.write(json.dumps(clean) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def _default_warn(message: str) -> None:

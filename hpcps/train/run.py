@@ -149,12 +149,13 @@ def _run(s: Setup, quiet: bool) -> int:
 
 
 def make_lead_io(s, quiet: bool):
-    from hpcps.train.metrics import MetricsWriter, Progress
+    from hpcps.metrics.progress_line import ProgressLine
+    from hpcps.metrics.runlog import MetricsWriter
     # the checkpoint of boundary t carries the record of step t, written again on resume:
     # keep only the records before it
     keep_through = s.resume.step - 1 if s.resume is not None else None
     writer = MetricsWriter(s.cfg.out_dir, keep_through)
-    progress = Progress(s.cfg.train.max_steps, s.cfg.train.log_every, quiet)
+    progress = ProgressLine(s.cfg.train.max_steps, s.cfg.train.log_every, quiet)
     return writer, progress
 
 

@@ -1,62 +1,10 @@
-"""metrics.jsonl (one record per step) and the progress line.
-
-On resume from step k the file is rewritten (atomically) without the records of
-steps > k, so it stays one record per step however often a job is restarted.
-"""
+"""The progress line the lead worker prints every ``train.log_every`` steps."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import sys
 import time
 from typing import Optional
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-class MetricsWriter:
-    def __init__(self, run_dir: str, resume_step: Optional[int]):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        os.makedirs(run_dir, exist_ok=True)
-        if resume_step is None:
-            mode = "w"
-        else:
-            self._truncate_after(resume_step)
-            mode = "a"
-        self.fh = open(self.path, mode, encoding="utf-8")
-
-    def _truncate_after(self, step: int) -> None:
-        if not os.path.exists(self.path):
-            return
-        kept = []
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a killed writer
-                if isinstance(record, dict) and record.get("step", 0) <= step:
-                    kept.append(json.dumps(record) + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(kept)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-
-    def write(self, record: dict) -> None:
-        clean = {k: _finite(v) for k, v in record.items()}
-        self.fh.write(json.dumps(clean) + "\n")
-        self.fh.flush()
-
-    def close(self) -> None:
-        self.fh.close()
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -66,7 +14,7 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-class Progress:
+class ProgressLine:
     """Rank 0's progress line every ``log_every`` steps (stdout, plain text for batch logs)."""
 
     def __init__(self, max_steps: int, log_every: int, quiet: bool, stream=None):
