@@ -114,7 +114,8 @@ def _guard(results: dict, name: str, fn) -> None:
 def stage_correctness() -> dict:
     import cupy
 
-    from hpcps.gpu import parity, precision
+    from hpcps.bench import gpu_parity as parity
+    from hpcps.gpu import precision
     out: dict = {"tolerance": {"fp64": parity.FP64_REL, "fp32": parity.FP32_REL}}
     for dt, key in ((np.float64, "fp64"), (np.float32, "fp32")):
         _guard(out, f"kernels_{key}", lambda dt=dt: parity.kernel_parity(cupy, dt))
@@ -414,7 +415,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mpi-bandwidth", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.mpi_bandwidth:
-        from hpcps.gpu.bandwidth import mpi_bandwidth
+        from hpcps.bench.gpu_bandwidth import mpi_bandwidth
         mpi_bandwidth(args.mpi_bandwidth)
         return 0
     if args.stage:

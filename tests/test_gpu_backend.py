@@ -21,7 +21,8 @@ import pytest
 
 from hpcps.backend import cupy_available, get_backend
 from hpcps.errors import UserError
-from hpcps.gpu import kernels, parity, precision, transport
+from hpcps.bench import gpu_parity as parity
+from hpcps.gpu import kernels, precision, transport
 
 from mpi_util import describe, mpi_env, mpich_mpirun, run_command
 
@@ -255,9 +256,8 @@ def test_staged_ranges_reach_mpi_only_after_their_copy():
     device = np.arange(20, dtype=np.float32)
     host = ops.pinned_empty(20)
     seen = []
-    stager = transport.GradStager(ops, device, host,
-                                  lambda lo, hi: seen.append((lo, hi, host[lo:hi].copy())))
-    stager.begin()
+    stager = transport.GradStager(ops, device, host)
+    stager.begin(lambda lo, hi: seen.append((lo, hi, host[lo:hi].copy())))
     for lo, hi in [(15, 20), (8, 15), (3, 8)]:   # backward order; [0, 3) never reported
         stager.ready(lo, hi)
     assert [s[:2] for s in seen] == [(15, 20)]   # later copies are still in flight
@@ -279,8 +279,8 @@ def test_direct_path_forwards_device_ranges_after_compute_events():
     ops = FakeOps()
     device = np.arange(10, dtype=np.float32)
     seen = []
-    stager = transport.GradStager(ops, device, None, lambda lo, hi: seen.append((lo, hi)))
-    stager.begin()
+    stager = transport.GradStager(ops, device, None)
+    stager.begin(lambda lo, hi: seen.append((lo, hi)))
     stager.ready(5, 10)
     stager.finish()
     assert seen == [(5, 10), (0, 5)]
@@ -292,15 +292,18 @@ class RecordingSync:
     def __init__(self, host_params):
         self.host_params = host_params
         self.calls = []
-        self.client = "client"
+
+    def traffic(self):
+        return {"push_mb": 1.0}
 
     def pull(self, step):
         self.host_params[:] = step + 1.0   # what MPI would have written
         self.calls.append(("pull", step))
 
-    def begin_backward(self, grads, touched):
+    def start_push(self, grads, touched):
         self.grads = grads
         self.calls.append(("begin", touched))
+        return self.grad_ready
 
     def grad_ready(self, lo, hi):
         self.calls.append(("ready", lo, hi, self.grads[lo:hi].copy()))
@@ -316,15 +319,15 @@ def test_device_sync_stages_pulls_and_pushes():
     host_params, host_grads = ops.pinned_empty(8), ops.pinned_empty(8)
     inner = RecordingSync(host_params)
     sync = transport.DeviceSync(inner, ops, params, grads, host_params, host_grads)
-    assert sync.client == "client"                # everything else is delegated
+    assert sync.traffic() == {"push_mb": 1.0}     # the control calls are the inner one's
     sync.pull(0)
     sync.pull(1)                                   # waits for the first upload first
     ops.wait(sync._uploaded)
     np.testing.assert_array_equal(params, 2.0)
-    sync.begin_backward(grads, {"wte": [1]})
+    on_grad_ready = sync.start_push(grads, {"wte": [1]})
     grads[:] = np.arange(8)
-    sync.grad_ready(4, 8)
-    sync.grad_ready(0, 4)
+    on_grad_ready(4, 8)
+    on_grad_ready(0, 4)
     stats = sync.push(1, grads, 1.0, 0.5)
     assert stats == {"loss": 0.5}
     kinds = [c[0] for c in inner.calls]

@@ -27,7 +27,17 @@ import time
 
 import numpy as np
 
+from hpcps.config.load import load_config
 from hpcps.errors import UserError
+from hpcps.model.layout import ParamLayout
+from hpcps.ps import control as C
+from hpcps.ps.client import PSClient
+from hpcps.ps.codec import ShardCodec
+from hpcps.ps.roles import Roles
+from hpcps.ps.shards import ShardSet
+from hpcps.ps.windows import PSWindows
+from hpcps.runtime.mpi import agree_on_errors, library_info, mpi
+from hpcps.runtime.wait import Backoff
 
 DEFAULT_SIZES = "64K,256K,1M,4M,16M,64M"
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -77,7 +87,6 @@ def check_args(args, world_size: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcps.runtime.mpi import agree_on_errors, library_info, mpi
     comm = mpi().COMM_WORLD
     sizes = agree_on_errors(comm, lambda: check_args(args, comm.Get_size()))
     bench = PSBench(comm, args.servers)
@@ -91,9 +100,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_roles(comm, n_servers: int):
-    from hpcps.ps.roles import Roles
-    from hpcps.runtime.mpi import mpi
+def no_duties() -> None:
+    """The benchmark's client waits have no heartbeats or watches to keep."""
+
+
+def bench_roles(comm, n_servers: int) -> Roles:
     MPI = mpi()
     size, rank = comm.Get_size(), comm.Get_rank()
     servers = list(range(size - n_servers, size))
@@ -109,8 +120,6 @@ def bench_roles(comm, n_servers: int):
 
 class PSBench:
     def __init__(self, comm, n_servers: int):
-        from hpcps.config.load import load_config
-        from hpcps.runtime.mpi import mpi
         self.MPI = mpi()
         self.comm = comm
         self.roles = bench_roles(comm, n_servers)
@@ -125,10 +134,6 @@ class PSBench:
 
     # -- one message size ------------------------------------------------------------------
     def measure(self, size: int, repeats: int, mib_per_repeat: float) -> dict:
-        from hpcps.model.layout import ParamLayout
-        from hpcps.ps.client import PSClient
-        from hpcps.ps.codec import ShardCodec
-        from hpcps.ps.windows import PSWindows
         MPI, roles = self.MPI, self.roles
         n = size // 4
         layout = ParamLayout()
@@ -142,8 +147,8 @@ class PSBench:
         samples = {v: [] for v in VARIANTS}
         cycles, aggregates = [], {"raw_put": [], "raw_acc": []}
         if roles.is_worker:
-            client = PSClient(cfg=self.cfg, roles=roles, wins=wins, ranges=ranges, codecs=codecs,
-                              params=np.zeros(n * self.S, dtype=np.float32))
+            client = PSClient(cfg=self.cfg, shards=ShardSet(roles, ranges, codecs, wins),
+                              params=np.zeros(n * self.S, dtype=np.float32), duties=no_duties)
             grads = np.ones(n * self.S, dtype=np.float32)
             local = np.ones(n, dtype=np.float32)
         for rep in range(repeats + 1):  # repeat 0 warms every path up and is dropped
@@ -180,8 +185,6 @@ class PSBench:
 
     # -- servers: release slots as pushes land, until the workers say stop ----------------
     def _serve(self, wins) -> None:
-        from hpcps.ps import control as C
-        from hpcps.ps.wait import Backoff
         L, me = wins.ctl_layout, self.roles.world_rank
         backoff = Backoff()
         while True:
@@ -200,7 +203,6 @@ class PSBench:
         self.comm.Barrier()
 
     def _release_servers(self, wins) -> None:
-        from hpcps.ps import control as C
         self.roles.worker_comm.Barrier()  # every worker finished this variant
         if self.roles.world_rank == self.roles.workers[0]:
             for rank in self.roles.servers:
@@ -222,8 +224,8 @@ class PSBench:
             for i in range(iters):
                 self._wait_slots_free(client, wins)
                 t0 = perf()
-                client.begin_step(grads, None)
-                client.push(i, weight=1.0, loss=0.0, scale=1.0)
+                client.start_push(grads, None)
+                client.wait(client.push(i, weight=1.0, loss=0.0, scale=1.0))
                 busy += perf() - t0
         elif variant == "pull":
             for i in range(iters):
@@ -252,7 +254,6 @@ class PSBench:
 
     @staticmethod
     def _wait_slots_free(client, wins) -> None:
-        from hpcps.ps.wait import Backoff
         backoff = Backoff()
         slot = wins.ctl_layout.slot_state + client.w
         for rank in client.servers:

@@ -15,7 +15,6 @@ at the next ``save`` or ``close``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sys
@@ -36,9 +35,14 @@ def _state_names(optimizer: str) -> tuple:
 
 
 class SaveFailed(Exception):
+    """A rank's part of a save failed; ``user``: the user can fix it (disk full, permissions)."""
+
     def __init__(self, text: str, user: bool):
         super().__init__(text)
         self.user = user
+
+    def __reduce__(self):  # travels to rank 0 in the save's gather: pickle both fields
+        return SaveFailed, (str(self), self.user)
 
 
 def _describe_failure(err: BaseException, step: int) -> SaveFailed:
@@ -49,8 +53,13 @@ def _describe_failure(err: BaseException, step: int) -> SaveFailed:
     return SaveFailed(f"checkpoint at step {step} failed: {type(err).__name__}: {err}", False)
 
 
-def _raise(failure: SaveFailed):
-    raise (UserError(str(failure)) if failure.user else RuntimeError(str(failure)))
+def _raise(failure: SaveFailed, agreed_rank: Optional[int] = None):
+    """Raise the failure as the error type it is; ``agreed_rank``: every rank raises the same
+    (rank 0 alone need report it, see ``hpcps.runtime.mpi.agree_on_errors``)."""
+    err = UserError(str(failure)) if failure.user else RuntimeError(str(failure))
+    if agreed_rank is not None:
+        err.agreed_rank = agreed_rank
+    raise err
 
 
 class _Job:
@@ -118,19 +127,12 @@ class Checkpointer:
         return (r is not None and r.step == step
                 and os.path.realpath(os.path.dirname(r.path)) == os.path.realpath(self.dir))
 
-    @contextlib.contextmanager
-    def communicating_through(self, comm):
-        """Use ``comm`` (e.g. a ``PolledComm`` that keeps heartbeats going) for the
-        collectives of the saves inside the block."""
-        before, self.comm = self.comm, comm
-        try:
-            yield
-        finally:
-            self.comm = before
-
     # -- save ------------------------------------------------------------------------------
-    def save(self, step: int, *, shard, worker, reason: dict) -> None:
-        """Collective over ``roles.comm``: every rank calls it at the same sync point."""
+    def save(self, step: int, *, shard, worker, reason: dict, comm=None) -> None:
+        """Collective: every rank calls it at the same sync point. ``comm`` (default
+        ``roles.comm``) carries the save's collectives, e.g. a ``PolledComm`` that keeps
+        heartbeats going while it waits."""
+        comm = comm if comm is not None else self.comm
         self._finish_previous()
         if self._is_resumed_step(step):
             return
@@ -141,12 +143,12 @@ class Checkpointer:
                 self._prepare(tmp)
             except OSError as err:
                 _raise(_describe_failure(err, step))
-        if self.comm is not None:
-            self.comm.Barrier()  # nobody writes into the .tmp directory before it exists
+        if comm is not None:
+            comm.Barrier()  # nobody writes into the .tmp directory before it exists
         fault = F.fault_at(step, self.rank)
         work = self._work(step, shard, worker, copy=not final)
         if final:
-            self._save_now(step, tmp, work, fault, reason)
+            self._save_now(step, tmp, work, fault, reason, comm)
         else:
             job = _Job(step)
             job.thread = threading.Thread(target=self._background, name=f"checkpoint-{step}",
@@ -225,19 +227,19 @@ class Checkpointer:
         return entry
 
     # -- final saves: main thread, MPI ----------------------------------------------------------
-    def _save_now(self, step: int, tmp: str, work: dict, fault, reason: dict) -> None:
+    def _save_now(self, step: int, tmp: str, work: dict, fault, reason: dict, comm) -> None:
         try:
             result = ("ok", self._write_own(step, tmp, work, fault))
         except Exception as err:  # reported to every rank below, so nobody waits
             result = ("failed", _describe_failure(err, step))
-        results = self.comm.gather(result, root=0) if self.comm is not None else [result]
+        results = comm.gather(result, root=0) if comm is not None else [result]
         outcome = None
         if self.rank == 0:
             outcome = self._commit_or_report(step, tmp, results, reason)
-        if self.comm is not None:
-            outcome = self.comm.bcast(outcome, root=0)
+        if comm is not None:
+            outcome = comm.bcast(outcome, root=0)
         if outcome is not None:
-            _raise(outcome)
+            _raise(outcome, agreed_rank=self.rank)
 
     def _commit_or_report(self, step, tmp, results, reason) -> Optional[SaveFailed]:
         failures = [r[1] for r in results if r[0] == "failed"]

@@ -6,7 +6,6 @@
   cores through cuBLAS, fp32 storage throughout).
 - ``transport``: device buffers and MPI: the direct path (CUDA-aware MPI) or
   pinned host staging with asynchronous copies on a side stream.
-- ``parity``: CuPy-vs-NumPy comparisons shared by the tests and the device check.
 
 Importing this package (or any module in it) never imports CuPy: CuPy is
 imported inside the functions that run on a GPU.

@@ -122,14 +122,16 @@ class GradStager:
     ``finish`` waits for the rest, first staging any part of [0, n) nobody reported.
     """
 
-    def __init__(self, ops, device, host: Optional[np.ndarray],
-                 forward: Callable[[int, int], None]) -> None:
-        self.ops, self.device, self.host, self.forward = ops, device, host, forward
+    def __init__(self, ops, device, host: Optional[np.ndarray]) -> None:
+        self.ops, self.device, self.host = ops, device, host
         self.n = len(device)
         self.pending: deque = deque()
         self.reported: list = []
+        self.forward: Callable[[int, int], None] = lambda lo, hi: None
 
-    def begin(self) -> None:
+    def begin(self, forward: Callable[[int, int], None]) -> None:
+        """A new backward pass whose finished ranges go to ``forward`` once safe."""
+        self.forward = forward
         self.pending.clear()
         self.reported = []
 
@@ -170,11 +172,13 @@ class GradStager:
 
 
 class DeviceSync:
-    """Runs a host-buffer strategy (``PSSync``) for a worker whose model lives on the GPU.
+    """A ``StepSync`` (hpcps.train.sync) for a worker whose model lives on the GPU, around
+    a host-buffer strategy (``PSSync``).
 
     The model reads ``params`` and writes ``grads`` (device). The inner strategy sees
     ``mpi_params`` / ``mpi_grads``: the same device arrays on the direct path, pinned
-    host mirrors when staged. Everything else is delegated unchanged.
+    host mirrors when staged. Pull copies up, push stages down; the control calls are
+    the inner strategy's.
     """
 
     def __init__(self, inner, ops, params, grads, host_params=None, host_grads=None) -> None:
@@ -183,12 +187,23 @@ class DeviceSync:
         self.direct = host_params is None
         self.mpi_params = params if self.direct else host_params
         self.mpi_grads = grads if self.direct else host_grads
-        self.stager = GradStager(ops, grads, None if self.direct else host_grads,
-                                 inner.grad_ready)
+        self.stager = GradStager(ops, grads, None if self.direct else host_grads)
         self._uploaded = None
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    def should_stop(self, step: int) -> bool:
+        return self.inner.should_stop(step)
+
+    def meet(self, step: int, reason: dict, worker_state: dict) -> dict:
+        return self.inner.meet(step, reason, worker_state)
+
+    def traffic(self) -> dict:
+        return self.inner.traffic()
+
+    def worker_state(self) -> dict:
+        return self.inner.worker_state()
+
+    def close(self) -> None:
+        self.inner.close()
 
     def pull(self, step: int) -> None:
         if self.direct:
@@ -200,12 +215,9 @@ class DeviceSync:
             self._uploaded = self.ops.copy_to_device_async(self.params, self.mpi_params, 0,
                                                            len(self.params))
 
-    def begin_backward(self, grads, touched) -> None:
-        self.inner.begin_backward(self.mpi_grads, touched)
-        self.stager.begin()
-
-    def grad_ready(self, lo: int, hi: int) -> None:
-        self.stager.ready(lo, hi)
+    def start_push(self, grads, touched) -> Callable[[int, int], None]:
+        self.stager.begin(self.inner.start_push(self.mpi_grads, touched))
+        return self.stager.ready
 
     def push(self, step: int, grads, weight: float, loss: float) -> dict:
         self.stager.finish()
@@ -261,8 +273,8 @@ class AllreduceBuffer:
     def begin(self, grads) -> None:
         if self.path == STAGED:
             if self.stager is None or self.stager.device is not grads:
-                self.stager = GradStager(self.ops, grads, self.buf[:self.n], lambda lo, hi: None)
-            self.stager.begin()
+                self.stager = GradStager(self.ops, grads, self.buf[:self.n])
+            self.stager.begin(lambda lo, hi: None)  # MPI reads the buffer only after gather
 
     def grad_ready(self, lo: int, hi: int) -> None:
         if self.stager is not None:

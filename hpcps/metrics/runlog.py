@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, TextIO, Union
 
 from hpcps.errors import UserError
+from hpcps.metrics.progress_line import ProgressLine
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
@@ -181,3 +182,22 @@ def write_metrics_csv(records: list[dict], stream: TextIO) -> list[str]:
     for record in records:
         writer.writerow([_cell(record.get(column)) for column in columns])
     return columns
+
+
+class RunLog:
+    """The lead worker's outputs for each step record: a line in ``metrics.jsonl`` and,
+    every ``train.log_every`` steps, the progress line."""
+
+    def __init__(self, cfg, keep_through: Optional[int], quiet: bool):
+        self.writer = MetricsWriter(cfg.out_dir, keep_through)
+        self.line = ProgressLine(cfg.train.max_steps, cfg.train.log_every, quiet)
+
+    def record(self, record: dict) -> None:
+        self.writer.write(record)
+        self.line.step(record)
+
+    def message(self, text: str) -> None:
+        self.line.message(text)
+
+    def close(self) -> None:
+        self.writer.close()

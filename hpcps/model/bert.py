@@ -19,7 +19,7 @@ workload uses corpus vocab + 1).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from hpcps.model.encdec import (INIT_STD, Dropout, add_encoder_block, add_linear
 from hpcps.model.layers import (cross_entropy_backward, cross_entropy_forward,
                                 embedding_backward, gelu_backward, gelu_forward,
                                 layernorm_linear_backward, layernorm_linear_forward)
-from hpcps.model.layout import ParamLayout
+from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
 from hpcps.model.workspace import Workspace, scratch
 
 _MAX_WORKSPACES = 4
@@ -103,7 +103,6 @@ class BertMLM:
         self.backend, self.xp = backend, backend.xp
         self.layout = build_layout(vocab_size=self.vocab_size, n_layer=self.n_layer,
                                    n_embd=self.n_embd, block_size=self.block_size, bias=self.bias)
-        self.on_grad_ready: Optional[Callable[[int, int], None]] = None
         self._ready_ranges = self._grad_ready_ranges()
         self._workspaces: dict = {}
 
@@ -113,7 +112,8 @@ class BertMLM:
         return self.backend.asarray(self.layout.init_slice(seed))
 
     def forward_backward(self, params, grads, idx, targets,
-                         dropout_keys: Optional[Sequence[int]] = None) -> float:
+                         dropout_keys: Optional[Sequence[int]] = None,
+                         on_grad_ready: Optional[GradReady] = None) -> float:
         """Overwrite grads with d(mean loss over predicted positions)/d(params)."""
         idx, targets = self._check_batch(idx, targets)
         self._check_buffer(params, "params")
@@ -123,7 +123,8 @@ class BertMLM:
         P, G = self.layout.views(params), self.layout.views(grads)
         logits, t_sel, caches = self._forward(P, idx, targets, keys, ws)
         loss, xent = cross_entropy_forward(logits, t_sel, ws=ws, name="xent")
-        self._backward(G, cross_entropy_backward(xent), caches, ws)
+        self._backward(G, cross_entropy_backward(xent), caches, ws,
+                       grad_ready_notifier(self._ready_ranges, on_grad_ready))
         return float(loss)
 
     def eval_stats(self, params, idx, targets) -> tuple[float, int, int]:
@@ -198,10 +199,6 @@ class BertMLM:
         ranges.append((0, lay["wpe"].end))
         return ranges
 
-    def _notify(self, step: int) -> None:
-        if self.on_grad_ready is not None:
-            self.on_grad_ready(*self._ready_ranges[step])
-
     # -- forward / backward ------------------------------------------------------------
 
     def _forward(self, P: dict, idx, targets, keys, ws: Workspace):
@@ -224,7 +221,7 @@ class BertMLM:
         t_sel = targets.reshape(-1)[rows]
         return logits, t_sel, (idx, rows, emb_mask, blocks, head)
 
-    def _backward(self, G: dict, dlogits, caches, ws: Workspace) -> None:
+    def _backward(self, G: dict, dlogits, caches, ws: Workspace, notify) -> None:
         idx, rows, emb_mask, blocks, head = caches
         xp = self.xp
         b, t = idx.shape
@@ -234,13 +231,13 @@ class BertMLM:
         dx.fill(0)
         dx[rows] = dpicked                    # rows are distinct: a plain scatter
         dx = dx.reshape(b, t, c)
-        self._notify(0)
+        notify(0)
         for i in reversed(range(self.n_layer)):
             encoder_block_backward(dx, blocks[i], G, f"h{i}.", ws=ws)
-            self._notify(self.n_layer - i)
+            notify(self.n_layer - i)
         if emb_mask is not None:
             dx *= emb_mask
         xp.sum(dx, axis=0, out=G["wpe"][:t])
         G["wpe"][t:] = 0
         embedding_backward(dx, idx, G["wte"], ws, "bwd.emb")
-        self._notify(self.n_layer + 1)
+        notify(self.n_layer + 1)

@@ -21,7 +21,7 @@ import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from hpcps.model.layers import (cross_entropy_backward, cross_entropy_forward, d
                                 embedding_backward, gelu_backward, gelu_forward,
                                 layernorm_linear_backward, layernorm_linear_forward,
                                 linear_backward, linear_forward)
-from hpcps.model.layout import ParamLayout
+from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
 from hpcps.model.workspace import Workspace
 
 _MAX_WORKSPACES = 8   # (B, T, dtype, shard) kept warm: train and eval shards, sampling
@@ -101,7 +101,6 @@ class GPT:
         self.xp = backend.xp
         self.layout = build_layout(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd,
                                    block_size=block_size, bias=bias, tie_embeddings=tie_embeddings)
-        self.on_grad_ready: Optional[Callable[[int, int], None]] = None
         self._workspaces: OrderedDict = OrderedDict()
         self._view_cache: OrderedDict = OrderedDict()
         self._ready_ranges = self._grad_ready_ranges()
@@ -115,7 +114,11 @@ class GPT:
         return self.backend.asarray(self.layout.init_slice(seed))
 
     def forward_backward(self, params, grads, idx, targets,
-                         dropout_keys: Optional[Sequence[int]] = None) -> float:
+                         dropout_keys: Optional[Sequence[int]] = None,
+                         on_grad_ready: Optional[GradReady] = None) -> float:
+        """Overwrite grads with d(mean loss)/d(params); return the loss. ``on_grad_ready(lo,
+        hi)`` hears of each gradient range as soon as backward has finished it."""
+        notify = grad_ready_notifier(self._ready_ranges, on_grad_ready)
         idx, targets = self._check_batch(idx, targets)
         self._check_buffer(params, "params")
         if grads.shape != params.shape or grads.dtype != params.dtype:
@@ -126,8 +129,8 @@ class GPT:
         P, G = self._views(params), self._views(grads)
         if len(shards) == 1:
             ws = self._workspace(idx.shape, params.dtype)
-            return float(self._step(P, G, idx, targets, keys, ws, 1.0, self._notify))
-        return self._sharded_step(P, grads, idx, targets, keys, shards)
+            return float(self._step(P, G, idx, targets, keys, ws, 1.0, notify))
+        return self._sharded_step(P, grads, idx, targets, keys, shards, notify)
 
     def loss(self, params, idx, targets) -> float:
         idx, targets = self._check_batch(idx, targets)
@@ -200,7 +203,7 @@ class GPT:
                 raise
             return [first] + [f.result() for f in futures]
 
-    def _sharded_step(self, P, grads, idx, targets, keys, shards) -> float:
+    def _sharded_step(self, P, grads, idx, targets, keys, shards, notify) -> float:
         """forward_backward over batch shards: shard 0 writes ``grads``, the others private
         buffers, added in as each range becomes final and before on_grad_ready sees it.
         Each shard's loss gradient is weighted by its share of the counted targets."""
@@ -217,7 +220,7 @@ class GPT:
                     if failed.is_set():
                         raise RuntimeError("a batch shard failed during its backward")
                 grads[lo:hi] += buf[lo:hi]
-            self._notify(step)
+            notify(step)
 
         def shard_task(i: int):
             # workspaces and views are looked up here, on the calling thread
@@ -225,12 +228,12 @@ class GPT:
             ws = self._workspace(idx[sl].shape, dtype, i)
             G = self._views(grads if i == 0 else extra[i - 1])
             k = None if keys is None else keys[sl]
-            notify = reduce_and_notify if i == 0 else (lambda step: done[i - 1][step].set())
+            report = reduce_and_notify if i == 0 else (lambda step: done[i - 1][step].set())
 
             def run():
                 try:
                     return self._step(P, G, idx[sl], targets[sl], k, ws, counts[i] / total,
-                                      notify)
+                                      report)
                 except BaseException:
                     failed.set()
                     raise
@@ -311,11 +314,6 @@ class GPT:
             ranges.append((names[0].offset, names[-1].end))
         ranges.append((0, lay["wpe"].end))
         return ranges
-
-    def _notify(self, step: int) -> None:
-        if self.on_grad_ready is not None:
-            lo, hi = self._ready_ranges[step]
-            self.on_grad_ready(lo, hi)
 
     def _mask(self, keys, site: int, shape: tuple, dtype):
         if keys is None:

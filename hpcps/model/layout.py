@@ -9,7 +9,7 @@ contiguous slice, not only on whole tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -122,3 +122,14 @@ class ParamLayout:
         """JSON-able description (for checkpoint manifests and export)."""
         return [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "decay": s.decay}
                 for s in self.specs]
+
+
+GradReady = Callable[[int, int], None]
+
+
+def grad_ready_notifier(ranges: list, on_grad_ready: Optional[GradReady]) -> Callable[[int], None]:
+    """``notify(k)`` for a backward pass whose k-th finished range is ``ranges[k]``: tells
+    ``on_grad_ready(lo, hi)`` (the push overlap), or nothing when no one listens."""
+    if on_grad_ready is None:
+        return lambda k: None
+    return lambda k: on_grad_ready(*ranges[k])

@@ -20,7 +20,7 @@ encoder once per source and caches the decoder's self-attention keys / values.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from hpcps.model.encdec import (INIT_STD, Dropout, add_decoder_block, add_encode
 from hpcps.model.layers import (cross_entropy_backward, cross_entropy_forward,
                                 embedding_backward, layernorm_backward, layernorm_forward,
                                 layernorm_linear_backward, layernorm_linear_forward)
-from hpcps.model.layout import ParamLayout
+from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
 from hpcps.model.workspace import Workspace
 
 _MAX_WORKSPACES = 8
@@ -93,7 +93,6 @@ class Seq2Seq:
                                    n_embd=self.n_embd, max_src_len=self.max_src_len,
                                    max_tgt_len=self.max_tgt_len, bias=self.bias,
                                    tie_embeddings=tie_embeddings)
-        self.on_grad_ready: Optional[Callable[[int, int], None]] = None
         self._ready_ranges = self._grad_ready_ranges()
         self._workspaces: dict = {}
 
@@ -103,7 +102,8 @@ class Seq2Seq:
         return self.backend.asarray(self.layout.init_slice(seed))
 
     def forward_backward(self, params, grads, src, src_len, tgt_in, tgt_out,
-                         dropout_keys: Optional[Sequence[int]] = None) -> float:
+                         dropout_keys: Optional[Sequence[int]] = None,
+                         on_grad_ready: Optional[GradReady] = None) -> float:
         """Overwrite grads with d(mean target-token loss)/d(params); return the loss."""
         src, src_len, tgt_in, tgt_out = self._check_batch(src, src_len, tgt_in, tgt_out)
         self._check_buffer(params, "params")
@@ -113,7 +113,8 @@ class Seq2Seq:
         P, G = self.layout.views(params), self.layout.views(grads)
         logits, caches = self._forward(P, src, src_len, tgt_in, keys, ws)
         loss, xent = cross_entropy_forward(logits, tgt_out, ws=ws, name="xent")
-        self._backward(G, cross_entropy_backward(xent), caches, ws)
+        self._backward(G, cross_entropy_backward(xent), caches, ws,
+                       grad_ready_notifier(self._ready_ranges, on_grad_ready))
         return float(loss)
 
     def loss_sum(self, params, src, src_len, tgt_in, tgt_out) -> tuple[float, int]:
@@ -327,10 +328,6 @@ class Seq2Seq:
         ranges.append((0, lay["enc.wpe"].end))
         return ranges
 
-    def _notify(self, step: int) -> None:
-        if self.on_grad_ready is not None:
-            self.on_grad_ready(*self._ready_ranges[step])
-
     # -- forward / backward ------------------------------------------------------------
 
     def _embed(self, wte, wpe, idx, drop: Dropout, site: int, ws: Workspace, name: str):
@@ -370,7 +367,7 @@ class Seq2Seq:
                                                       ws=ws, name="dec.head")
         return logits, (enc_caches, enc.shape, tgt_in, emb_mask, blocks, head_cache)
 
-    def _backward(self, G: dict, dlogits, caches, ws: Workspace) -> None:
+    def _backward(self, G: dict, dlogits, caches, ws: Workspace, notify) -> None:
         (src, enc_emb_mask, enc_blocks, enc_lnf), enc_shape, tgt_in, emb_mask, blocks, head_cache \
             = caches
         b, t = tgt_in.shape
@@ -382,25 +379,25 @@ class Seq2Seq:
                                             head, None, ws, "bwd.head", accumulate=False)
         dy = ws.get("bwd.dec.resid", (b, t, c), dt)
         dy[...] = dy_head.reshape(b, t, c)
-        self._notify(0)
+        notify(0)
         d_enc = ws.get("bwd.enc.out", enc_shape, dt)
         d_enc.fill(0)
         for i in reversed(range(self.n_dec_layer)):
             decoder_block_backward(dy, d_enc, blocks[i], G, f"dec.h{i}.", ws=ws)
-            self._notify(self.n_dec_layer - i)
+            notify(self.n_dec_layer - i)
         step = self.n_dec_layer + 1
         self._embedding_backward(dy, tgt_in, emb_mask, G["dec.wte"], G["dec.wpe"], ws)
-        self._notify(step)
+        notify(step)
         dx = ws.get("bwd.enc.resid", enc_shape, dt)
         dx[...] = layernorm_backward(d_enc, enc_lnf, G["enc.lnf.w"], G.get("enc.lnf.b"), ws,
                                      "bwd.enc.lnf", accumulate=False)
-        self._notify(step + 1)
+        notify(step + 1)
         for i in reversed(range(self.n_layer)):
             encoder_block_backward(dx, enc_blocks[i], G, f"enc.h{i}.", ws=ws)
-            self._notify(step + 1 + self.n_layer - i)
+            notify(step + 1 + self.n_layer - i)
         G["enc.wte"].fill(0)
         self._embedding_backward(dx, src, enc_emb_mask, G["enc.wte"], G["enc.wpe"], ws)
-        self._notify(step + 2 + self.n_layer)
+        notify(step + 2 + self.n_layer)
 
     def _embedding_backward(self, dx, idx, mask, dwte, dwpe, ws: Workspace) -> None:
         """Position rows beyond the batch length get 0; token rows are added to dwte."""

@@ -1,69 +1,79 @@
-"""Worker side of the parameter server: ``pull`` and ``push`` return handles,
+"""Worker side of the data path: ``pull`` and ``push`` return handles,
 ``wait(handle)`` completes them (ps-lite style).
 
 push: for every server, wait until this worker's slot there is empty, ``Put``
-the encoded payload, ``Flush`` (remote completion), then set the slot flag with
-an atomic REPLACE. The flag is written only after the data is complete at the
-target, so a server that sees the flag sees the whole push.
+the encoded payload and its header (``push``), then ``Flush`` (remote
+completion) and set the slot flag with an atomic REPLACE (``wait``). The flag is
+written only after the data is complete at the target, so a server that sees
+the flag sees the whole push.
 
-Overlap: ``grad_ready(lo, hi)`` is called by backward as gradient ranges become
-final (last layers first). A plain fp32 shard gets its bytes ``Put`` right away,
-bucket by bucket; an encoded shard is encoded and sent as soon as its whole
-range is final. Only the header, the flush and the flag wait for backward's end.
+Overlap: ``start_push`` returns the callback that backward calls as gradient
+ranges become final (last layers first). A plain fp32 shard gets its bytes
+``Put`` right away, bucket by bucket; an encoded shard is encoded and sent as
+soon as its whole range is final. Only the header, the flush and the flag wait
+for backward's end.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 
-from hpcps.errors import EXIT_PEER_DEAD
 from hpcps.ps import control as C
 from hpcps.ps.codec import ErrorFeedback
 from hpcps.ps.control import f2i
-from hpcps.ps.wait import Backoff, Every, PeerWatch, WaitHistory
+from hpcps.ps.shards import ShardSet
 from hpcps.ps.windows import G_PARAMS, SLOT_HEADER, Header
-from hpcps.runtime.mpi import abort, mpi, say
+from hpcps.runtime.mpi import mpi
+from hpcps.runtime.wait import Backoff, WaitHistory, wait_until
 
 
 @dataclass
 class PullHandle:
     step: int
-    locked: list = field(default_factory=list)
-    requests: list = field(default_factory=list)
+    locked: list = field(default_factory=list)     # ranks whose gate we hold
+    requests: list = field(default_factory=list)   # their Rget requests
     done: bool = False
 
 
 @dataclass
 class PushHandle:
     step: int
-    done: bool = False
+    done: bool = False    # False until the flags are set (``wait``)
 
 
 class PSClient:
-    def __init__(self, *, cfg, roles, wins, ranges, codecs, params):
-        self.cfg, self.roles, self.wins = cfg, roles, wins
-        self.ranges, self.codecs = ranges, codecs
-        self.params = params                      # host fp32 [P]: pulls land here
+    """One worker's pulls and pushes. ``duties`` (heartbeats, watches, stop answers) runs
+    in every wait; ``params`` is the host fp32 buffer [P] pulls land in."""
+
+    def __init__(self, *, cfg, shards: ShardSet, params: np.ndarray,
+                 duties: Callable[[], None]):
+        roles = shards.roles
+        self.cfg, self.roles, self.wins = cfg, roles, shards.wins
+        self.ranges, self.codecs = shards.ranges, shards.codecs
+        self.params = params
+        self.duties = duties
         self.mode = roles.mode
         self.w = roles.worker_index
         self.servers = roles.servers
         self.S = len(self.servers)
-        self.L = wins.ctl_layout
-        self.send = [np.zeros(SLOT_HEADER + c.max_payload_bytes, dtype=np.uint8) for c in codecs]
-        self.feedback = ([ErrorFeedback(c) for c in codecs]
+        self.L = self.wins.ctl_layout
+        self.send = [np.zeros(SLOT_HEADER + c.max_payload_bytes, dtype=np.uint8)
+                     for c in self.codecs]
+        # one header per server, alive until the push's Flush: Put may read it that late
+        self.headers = np.zeros((self.S, SLOT_HEADER // 8), dtype=np.int64)
+        self.feedback = ([ErrorFeedback(c) for c in self.codecs]
                          if cfg.ps.error_feedback and cfg.ps.compression != "none" else None)
         self.pulled_version = [0] * self.S
-        self.watch = PeerWatch(range(self.S), cfg.ps.heartbeat_timeout, cfg.ps.dead_timeout)
-        self.watch_tick = Every(0.5)
-        self.beat = Every(0.2)
         self.bytes_pushed = 0
         self.bytes_pulled = 0
         self._ready = [0] * self.S
         self._sent = [False] * self.S
         self._nbytes = [0] * self.S
+        self._slot_free: list = [None] * self.S
         self._grads = None
         self._touched = None
         self.overlap = cfg.ps.overlap
@@ -72,29 +82,25 @@ class PSClient:
         self.slot_always_free = self.mode == "bsp"
         self.version_waits = WaitHistory()  # bsp: push -> next version, mostly the server's update
 
-    # -- liveness --------------------------------------------------------------------
-    def duties(self) -> None:
-        """Heartbeat to the coordinator; watch the servers this worker waits on."""
-        now = time.monotonic()
-        if self.beat.due(now):
-            self.wins.add(self.servers[0], self.L.worker_hb + self.w, 1)
-        if self.watch_tick.due(now):
-            for s, rank in enumerate(self.servers):
-                state = self.watch.observe(s, self.wins.read(rank, C.HEARTBEAT), now)
-                if state == "silent":
-                    say(f"hpcps: warning: server rank {rank} ({self.roles.hosts[rank]}) silent for "
-                        f"{self.watch.silent_for(s, now):.1f} s", rank=self.roles.world_rank)
-                if self.watch.is_dead(s, now):
-                    abort(self.roles.comm, EXIT_PEER_DEAD,
-                          f"server rank {rank} ({self.roles.hosts[rank]}) silent for "
-                          f"{self.watch.silent_for(s, now):.0f} s (ps.dead_timeout = "
-                          f"{self.cfg.ps.dead_timeout:g}); aborting the job")
+    def wait_until(self, condition: Callable[[], bool], backoff: Optional[Backoff] = None) -> None:
+        wait_until(condition, self.duties, backoff)
 
-    def wait_until(self, condition, backoff: Backoff | None = None) -> None:
-        backoff = backoff or Backoff()
-        while not condition():
-            self.duties()
-            backoff.pause()
+    def take_traffic(self) -> dict:
+        """MB pushed and pulled since the last call."""
+        out = {"push_mb": self.bytes_pushed / 1e6, "pull_mb": self.bytes_pulled / 1e6}
+        self.bytes_pushed = self.bytes_pulled = 0
+        return out
+
+    def residual(self) -> Optional[np.ndarray]:
+        """Error feedback's residual over the whole buffer (None without feedback)."""
+        if self.feedback is None:
+            return None
+        return np.concatenate([fb.residual for fb in self.feedback])
+
+    def load_residual(self, residual) -> None:
+        if self.feedback is not None and residual is not None and len(residual) == self.ranges[-1][1]:
+            for fb, (lo, hi) in zip(self.feedback, self.ranges):
+                fb.residual[:] = residual[lo:hi]
 
     # -- pull ------------------------------------------------------------------------
     def pull(self, step: int) -> PullHandle:
@@ -147,21 +153,28 @@ class PSClient:
         handle.locked.clear()
 
     def wait(self, handle) -> None:
+        """Complete a pull (the data is in ``params``) or a push (the server may apply it)."""
         if handle.done:
             return
         if isinstance(handle, PullHandle):
             self._finish_gets(handle)
+        else:
+            for rank in self.servers:
+                self.wins.slots.Flush(rank)  # payload complete at the target ...
+                self.wins.write(rank, self.L.slot_state + self.w, 1)  # ... before the flag says so
         handle.done = True
 
     # -- push ------------------------------------------------------------------------
-    def begin_step(self, grads: np.ndarray, touched: dict | None) -> None:
-        """Called before backward: where gradients will appear and which rows a batch touched."""
+    def start_push(self, grads: np.ndarray, touched: Optional[dict]) -> Callable[[int, int], None]:
+        """Before backward: where gradients will appear and which rows the batch touched.
+        Returns the callback for backward to report finished gradient ranges."""
         self._grads, self._touched = grads, touched
         self._ready = [0] * self.S
         self._sent = [False] * self.S
         self._slot_free = [None] * self.S
+        return self._grad_ready
 
-    def grad_ready(self, lo: int, hi: int) -> None:
+    def _grad_ready(self, lo: int, hi: int) -> None:
         """Backward finished gradient range [lo, hi): send what can already be sent."""
         if not self.overlap or self._grads is None:
             return
@@ -216,14 +229,15 @@ class PSClient:
         return self._touched if self.cfg.ps.sparse_embedding else None
 
     def push(self, step: int, *, weight: float, loss: float, scale: float) -> PushHandle:
-        """Send what ``grad_ready`` has not sent yet, then headers and flags."""
-        header = np.zeros(SLOT_HEADER // 8, dtype=np.int64)
-        header[Header.STEP] = step
-        header[Header.WEIGHT] = f2i(weight)
-        header[Header.LOSS] = f2i(loss)
-        header[Header.CLOCK] = step + 1
-        header[Header.SCALE] = f2i(scale)
+        """Send what backward's callback has not sent yet, then the headers; ``wait`` on the
+        handle flushes and raises the flags."""
         for s, rank in enumerate(self.servers):
+            header = self.headers[s]
+            header[Header.STEP] = step
+            header[Header.WEIGHT] = f2i(weight)
+            header[Header.LOSS] = f2i(loss)
+            header[Header.CLOCK] = step + 1
+            header[Header.SCALE] = f2i(scale)
             if not self._sent[s]:
                 if not self.slot_always_free:
                     self.wait_until(lambda r=rank: self.wins.read(r, self.L.slot_state + self.w) == 0)
@@ -231,12 +245,7 @@ class PSClient:
                 self._sent[s] = True
             header[Header.PULLED_VERSION] = self.pulled_version[s]
             header[Header.NBYTES] = self._nbytes[s]
-            self._put_bytes(s, 0, header.view(np.uint8).copy())  # a copy per server: Put is async
+            self._put_bytes(s, 0, header.view(np.uint8))
             self.bytes_pushed += SLOT_HEADER + self._nbytes[s]
-        for s, rank in enumerate(self.servers):
-            self.wins.slots.Flush(rank)  # payload complete at the target ...
-            self.wins.write(rank, self.L.slot_state + self.w, 1)  # ... before the flag says so
-        if self.mode == "ssp":  # only the ssp bound reads the clocks
-            self.wins.write(self.servers[0], self.L.clock + self.w, step + 1)
         self._grads = None
-        return PushHandle(step, done=True)
+        return PushHandle(step)

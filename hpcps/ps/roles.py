@@ -7,10 +7,12 @@ rank, so world rank 0 stays a worker (it writes metrics) whenever it can.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 
 from hpcps.config.schema import AUTO
 from hpcps.errors import UserError
+from hpcps.runtime.mpi import mpi
 
 PS_MODES = ("bsp", "ssp", "asp")
 
@@ -108,12 +110,13 @@ def place_servers(node_of: list[int], n_servers: int) -> list[int]:
     return sorted(chosen)
 
 
-def build_roles(cfg, comm=None) -> Roles:
-    """Collective over ``comm`` (all ranks compute the same layout)."""
-    if comm is None:
+def build_roles(cfg, comm) -> Roles:
+    """Collective over ``comm`` (all ranks compute the same layout). A one-rank job has
+    no communicator in single mode (nothing to talk to)."""
+    if comm.Get_size() == 1:
         mode = resolve_mode(cfg.ps.mode, 1)
-        return Roles(mode, 0, 1, [], [0], [0], 0, 1)
-    from hpcps.runtime.mpi import mpi
+        return Roles(mode, 0, 1, [], [0], [0], 0, 1, comm=None if mode == "single" else comm,
+                     hosts=[socket.gethostname()])
     MPI = mpi()
     size, rank = comm.Get_size(), comm.Get_rank()
     mode = resolve_mode(cfg.ps.mode, size)
@@ -124,7 +127,6 @@ def build_roles(cfg, comm=None) -> Roles:
     node_comm.Free()
     leader_ids = sorted(r for r in leaders if r >= 0)
     node_of = [leader_ids.index(x) for x in comm.allgather(node_leader)]
-    import socket
     hosts = comm.allgather(socket.gethostname())
     if mode in PS_MODES:
         n_servers = choose_server_count(cfg.ps.servers, size, len(leader_ids))

@@ -5,27 +5,66 @@ bsp: waits until all W slots hold step t, averages them weighted by each push's
      with a non-blocking allreduce) and applies one optimizer step.
 ssp/asp: applies each slot as it arrives, one optimizer step per push, with the
      clip scale the worker computed from its full gradient.
+
+``serve`` is a server rank's whole life: apply pushes until a sync point, meet
+the other ranks there (checkpoint, stop, end), repeat.
 """
 
 from __future__ import annotations
 
-import sys
 import time
+from typing import Callable, Optional
 
 import numpy as np
 
-from hpcps.errors import EXIT_PEER_DEAD
+from hpcps.errors import EXIT_OK, EXIT_PEER_DEAD, EXIT_REQUEUE
+from hpcps.optim.clip import clip_coefficient
 from hpcps.ps import control as C
 from hpcps.ps.control import HIST_BINS, f2i, i2f
-from hpcps.ps.wait import Backoff, Every, PeerWatch, WaitHistory
+from hpcps.ps.coordination import meet
+from hpcps.ps.shards import ShardSet
 from hpcps.ps.windows import SLOT_HEADER, Header
+from hpcps.runtime import signals
 from hpcps.runtime.mpi import abort, mpi, say
+from hpcps.runtime.polled import PolledComm
+from hpcps.runtime.wait import Backoff, Every, PeerWatch, WaitHistory
+
+ShardSave = Callable[[dict, PolledComm, tuple], None]
+"""``save(reason, comm, (lo, hi, state))``: write this shard into the collective checkpoint
+of a sync point (``comm`` for the checkpoint's own collectives)."""
+
+
+def serve(*, cfg, shards: ShardSet, optimizer, lr_fn: Callable[[int], float], params: np.ndarray,
+          version: int, save: Optional[ShardSave] = None) -> int:
+    """A server rank: apply pushes to this shard until the job stops or ends; returns the
+    exit code (EXIT_OK at the end, EXIT_REQUEUE after an agreed stop)."""
+    server = Server(cfg=cfg, shards=shards, optimizer=optimizer, lr_fn=lr_fn,
+                    params_init=params, version=version)
+    shards.roles.comm.Barrier()  # shards hold their initial params before any worker pulls
+    lo, hi = shards.own_range
+
+    def save_shard(reason: dict, comm: PolledComm) -> None:
+        if save is not None:
+            save(reason, comm, (lo, hi, server.snapshot()))
+    while True:
+        server.serve_until_sync()
+        reason = meet(shards, None, server.collective_duties, save_shard)
+        server.sync_open = False
+        if reason["stop"]:
+            return EXIT_REQUEUE
+        if reason["end"]:
+            return EXIT_OK
 
 
 class Server:
-    def __init__(self, *, cfg, roles, wins, codec, optimizer, lr_fn, params_init, version: int = 0):
+    """One shard's owner: its params (in the params window), optimizer state, push slots
+    and control words; ``serve_until_sync`` is its event loop."""
+
+    def __init__(self, *, cfg, shards: ShardSet, optimizer, lr_fn, params_init, version: int = 0):
+        roles, wins = shards.roles, shards.wins
         self.cfg, self.roles, self.wins = cfg, roles, wins
-        self.codec, self.opt, self.lr_fn = codec, optimizer, lr_fn
+        self.codec = shards.codecs[roles.server_index]
+        self.opt, self.lr_fn = optimizer, lr_fn
         self.mode = roles.mode
         self.me = roles.world_rank
         self.index = roles.server_index
@@ -38,7 +77,7 @@ class Server:
         self.wins.params.Sync()
         self.version = version
         self.wins.write(self.me, C.VERSION, version)
-        self.acc = np.zeros(codec.n, dtype=np.float32)
+        self.acc = np.zeros(self.codec.n, dtype=np.float32)
         self.hist = np.zeros(HIST_BINS, dtype=np.int64)
         self.backoff = Backoff()
         self.beat = Every(0.2)
@@ -53,23 +92,29 @@ class Server:
         # compute time); the server sleeps through most of it in a few long naps
         self.push_gaps = WaitHistory()
         self.idle_since = None
+        self.stop_forwarded = False
 
     # -- duties done in every wait -------------------------------------------------
-    def duties(self) -> None:
+    def duties(self, at_sync_point: bool = False) -> None:
+        """Heartbeat, forward a stop signal to the coordinator, and (coordinator) watch the
+        workers. ``at_sync_point``: every rank is gathering, so in any mode a dead worker
+        would hang the collective and ends the job."""
         now = time.monotonic()
         if self.beat.due(now):
             self.wins.add(self.me, C.HEARTBEAT, 1)
+        self._forward_stop_request()
         if self.is_coordinator and self.watch_tick.due(now):
-            self._watch_workers(now)
+            self._watch_workers(now, abort_dead=at_sync_point)
 
     def collective_duties(self) -> None:
-        """Duties while every rank gathers for a sync point: in any mode a dead worker
-        would hang the collective, so it ends the job."""
-        now = time.monotonic()
-        if self.beat.due(now):
-            self.wins.add(self.me, C.HEARTBEAT, 1)
-        if self.is_coordinator and self.watch_tick.due(now):
-            self._watch_workers(now, abort_dead=True)
+        self.duties(at_sync_point=True)
+
+    def _forward_stop_request(self) -> None:
+        """A signal that reaches a server (Slurm signals every rank) raises STOP_REQUEST on
+        the coordinator like a worker's would."""
+        if not self.stop_forwarded and signals.stop_requested():
+            self.wins.write(self.coordinator, C.STOP_REQUEST, 1)
+            self.stop_forwarded = True
 
     def _watch_workers(self, now: float, abort_dead: bool = False) -> None:
         L = self.L
@@ -190,7 +235,6 @@ class Server:
         loss = float(sum(weights[w] * i2f(heads[w][Header.LOSS]) for w in range(W)) / total)
         sumsq = float(grad @ grad)
         total_sumsq = self._allreduce_servers(sumsq)
-        from hpcps.optim.clip import clip_coefficient
         norm, scale = clip_coefficient(total_sumsq, self.cfg.train.grad_clip)
         for h in heads:
             self.hist[min(max(0, self.version - int(h[Header.PULLED_VERSION])), HIST_BINS - 1)] += 1
@@ -263,15 +307,3 @@ class Server:
         state["version"] = self.version
         return state
 
-
-def server_memory_bytes(n: int, n_workers: int, stride: int, optimizer: str) -> int:
-    """Bytes a shard of n elements needs: params + optimizer state + scratch + slots + acc."""
-    state = 2 if optimizer == "adamw" else 1
-    return n * 4 * (1 + state + 1 + 1) + n_workers * stride
-
-
-def report_memory(roles, n: int, stride: int, optimizer: str) -> None:
-    total = server_memory_bytes(n, roles.n_workers, stride, optimizer)
-    say(f"hpcps: server {roles.server_index} (rank {roles.world_rank}) holds {n} params: "
-        f"{total / 2**20:.1f} MiB (params+state+scratch+acc {(total - roles.n_workers * stride) / 2**20:.1f} "
-        f"MiB, {roles.n_workers} push slots {roles.n_workers * stride / 2**20:.1f} MiB)", stream=sys.stdout)

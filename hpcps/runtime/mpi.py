@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from typing import Callable, Optional, TypeVar
 
@@ -39,11 +40,25 @@ def say(message: str, *, rank: Optional[int] = None, stream=None) -> None:
     print(f"{prefix}{message}", file=stream, flush=True)
 
 
-def abort(comm, code: int, message: str) -> None:
-    """Print ``message`` from this rank and end the whole job with ``code``."""
-    say(f"hpcps: error: {message}", rank=None)
-    sys.stderr.flush()
-    sys.stdout.flush()
+ABORT_GRACE_S = 0.5  # the launcher forwards our last line before MPI_Abort tears the job down
+
+
+def abort(comm, code: int, message: str, reported_elsewhere: bool = False) -> None:
+    """Print ``message`` from this rank and end the whole job with ``code``.
+
+    MPI_Abort makes the launcher kill every rank at once, and output still in flight
+    to it is lost with them (seen with MPICH's hydra about once in five aborts: the
+    job ended with the right code and no line saying why). The short grace lets the
+    line through first; the job is ending anyway. ``reported_elsewhere``: every rank
+    has the same error and rank 0 prints it: this rank stays silent and waits longer,
+    so that rank 0's abort, with its line, comes first."""
+    if reported_elsewhere:
+        time.sleep(2 * ABORT_GRACE_S)
+    else:
+        say(f"hpcps: error: {message}", rank=None)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        time.sleep(ABORT_GRACE_S)
     comm.Abort(code)
 
 

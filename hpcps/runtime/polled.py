@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from hpcps.ps.wait import Backoff
+from hpcps.runtime.wait import Backoff
 
 TAG_BCAST = 7301
 TAG_GATHER = 7302

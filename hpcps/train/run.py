@@ -1,73 +1,78 @@
-"""``hpcps train``: set up ranks, roles, workload, resume state; run servers and workers.
+"""``hpcps train``: set up ranks, roles, workload and resume state; run every rank's role.
 
 Set-up is collective and agreed: a bad config, corpus or checkpoint is reported
 once by rank 0 and every rank exits 2. After set-up, an error on any single rank
 aborts the whole job (MPI_Abort) with that rank's message, so nothing hangs.
+
+A server rank runs ``hpcps.ps.serve``; every worker (in every mode) runs the one
+``Trainer`` over the mode's ``StepSync`` strategy.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 import traceback
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
 from hpcps import __version__
+from hpcps.backend import CPU, Backend, get_backend
+from hpcps.checkpoint import Checkpointer, ResumePoint
+from hpcps.config import load_config
 from hpcps.errors import EXIT_FAILURE, EXIT_USAGE, UserError
+from hpcps.gpu import configure
+from hpcps.gpu.transport import AllreduceBuffer, PSDeviceBuffers
+from hpcps.metrics.runlog import RunLog
+from hpcps.model.blas import rank_core_share, set_blas_threads
+from hpcps.optim import make_optimizer
+from hpcps.optim.schedule import lr_schedule
+from hpcps.ps.roles import PS_MODES, Roles, build_roles
+from hpcps.ps.server import serve
+from hpcps.ps.shards import ShardSet
 from hpcps.runtime import signals
-from hpcps.runtime.mpi import abort, agree_on_errors, mpi
+from hpcps.runtime.mpi import abort, agree_on_errors, cuda_aware_mpi, library_info, mpi
+from hpcps.train.loop import Trainer
+from hpcps.train.peak import job_peak_flops
+from hpcps.train.ps_sync import PSSync
+from hpcps.train.sync import AllreduceSync, LocalSync
+from hpcps.workloads import build_workload
+from hpcps.workloads.base import Workload
 
 
-def measure_peak_flops(seconds: float = 0.3) -> float:
-    """fp32 matmul FLOP/s of this process (the MFU denominator when not configured)."""
-    n = 512
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    b = a.copy()
-    a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        reps += 1
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - start)
+@dataclass
+class RunContext:
+    """Everything a rank knows after the agreed set-up, before its role starts."""
+    cfg: Any                          # the resolved config (hpcps.config.load.Config)
+    roles: Roles
+    backend: Backend                  # NumPy, or CuPy on a worker with device = gpu
+    workload: Workload
+    checkpointer: Optional[Checkpointer]
+    resume: Optional[ResumePoint]     # the checkpoint this run continues from, if any
+    quiet: bool
 
+    @property
+    def start_step(self) -> int:
+        return self.resume.step if self.resume is not None else 0
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def _prepare_run_dir(cfg) -> None:
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        _write_text_atomic(os.path.join(cfg.out_dir, "config.toml"), cfg.to_toml())
-    except OSError as err:
-        raise UserError(f"cannot write the run directory {cfg.out_dir}: {err.strerror}") from None
-
-
-def _straggle(cfg, rank: int) -> float:
-    for part in filter(None, cfg.ps.straggler.split(",")):
-        r, _, factor = part.partition(":")
-        if int(r) == rank:
-            return float(factor)
-    return 1.0
+    @property
+    def is_lead(self) -> bool:
+        return self.roles.world_rank == self.roles.lead_worker
 
 
 def train_main(config_path, overrides, quiet: bool = False) -> int:
     signals.install()
-    MPI = mpi()
-    comm = MPI.COMM_WORLD
+    comm = mpi().COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    setup = agree_on_errors(comm, lambda: _setup(config_path, overrides, comm))
+    ctx = agree_on_errors(comm, lambda: setup(config_path, overrides, comm, quiet))
     try:
-        return _run(setup, quiet)
+        return run(ctx)
     except UserError as err:
         if size == 1:
             raise
-        abort(comm, EXIT_USAGE, str(err))
+        abort(comm, EXIT_USAGE, str(err), reported_elsewhere=getattr(err, "agreed_rank", 0) != 0)
     except Exception as err:  # a bug or I/O failure on this rank: end the job, never hang
         if size == 1:
             raise
@@ -76,129 +81,155 @@ def train_main(config_path, overrides, quiet: bool = False) -> int:
     return EXIT_FAILURE
 
 
-class Setup:
-    pass
-
-
-def _setup(config_path, overrides, comm) -> Setup:
-    from hpcps.config import load_config
-    from hpcps.ps.roles import build_roles
+def setup(config_path, overrides, comm, quiet: bool) -> RunContext:
+    """Collective: every rank resolves the same config, roles, workload and resume point."""
     cfg = load_config(config_path, overrides)
     digests = comm.allgather(cfg.digest())
     if len(set(digests)) > 1:
         differing = [r for r, d in enumerate(digests) if d != digests[0]]
         raise UserError(f"the resolved config differs between ranks (ranks {differing} differ from "
                         "rank 0): give every rank the same config file and overrides")
-    s = Setup()
-    s.cfg = cfg
-    s.comm = comm
-    s.roles = build_roles(cfg, comm if comm.Get_size() > 1 else None)
-    if s.roles.mode != "single" and s.roles.comm is None:
-        s.roles.comm = comm
-    _limit_threads(s.roles)
-    from hpcps.backend import CPU, get_backend
-    s.backend = (get_backend(cfg.device, s.roles.local_rank, cfg.gpu.share)
-                 if s.roles.is_worker else CPU)
-    from hpcps.workloads import build_workload
-    s.workload = build_workload(cfg, s.backend)
-    s.checkpointer = _make_checkpointer(cfg, s.roles, s.workload)
-    s.resume = s.checkpointer.find_resume() if s.checkpointer is not None else None
+    roles = build_roles(cfg, comm)
+    _limit_threads(roles)
+    backend = get_backend(cfg.device, roles.local_rank, cfg.gpu.share) if roles.is_worker else CPU
+    workload = build_workload(cfg, backend)
+    checkpointer = Checkpointer(cfg, roles, workload.layout, workload.describe())
+    resume = checkpointer.find_resume()
     if comm.Get_rank() == 0:
         _prepare_run_dir(cfg)
-    return s
+    return RunContext(cfg, roles, backend, workload, checkpointer, resume, quiet)
 
 
-def _limit_threads(roles) -> None:
-    """Ranks sharing a node share its cores: each worker's BLAS (and the model's batch
-    shards, which follow the BLAS thread count) gets its share; servers need one."""
+def _limit_threads(roles: Roles) -> None:
+    """Ranks on one host share its cores: each worker's BLAS (and the model's batch shards,
+    which follow the BLAS thread count) gets its share; servers need one. Hosts, not MPI's
+    shared-memory nodes, decide: a launch that sends all traffic through the network
+    module still shares the cores of one machine."""
     if roles.mode == "single":
         return
-    from hpcps.model.blas import rank_core_share, set_blas_threads
-    on_node = roles.node_of[roles.world_rank]
-    workers_here = sum(1 for r in roles.workers if roles.node_of[r] == on_node)
+    host = roles.hosts[roles.world_rank]
+    workers_here = sum(1 for r in roles.workers if roles.hosts[r] == host)
     set_blas_threads(1 if roles.is_server else rank_core_share(workers_here))
 
 
-def _make_checkpointer(cfg, roles, workload):
+def _prepare_run_dir(cfg) -> None:
     try:
-        from hpcps.checkpoint import Checkpointer
-    except ImportError:
-        return None
-    return Checkpointer(cfg, roles, workload.layout, workload.describe())
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        tmp = os.path.join(cfg.out_dir, f"config.toml.tmp.{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(cfg.to_toml())
+        os.replace(tmp, os.path.join(cfg.out_dir, "config.toml"))
+    except OSError as err:
+        raise UserError(f"cannot write the run directory {cfg.out_dir}: {err.strerror}") from None
 
 
-def _banner(s, extra: str = "") -> None:
-    from hpcps.runtime.mpi import library_info
+def banner(ctx: RunContext, extra: str = "") -> None:
     info = library_info()
     lines = [f"hpcps {__version__} | {info['library']} (MPI {info['mpi_version']}, thread level "
              f"{info['thread_level']}, CUDA-aware {info['cuda_aware']})",
-             f"{s.roles.describe()} | workload {s.cfg.workload}, {s.workload.layout.total:,} params "
-             f"| device {s.cfg.device}"]
-    if s.resume is not None:
-        lines.append(f"resuming from {s.resume.path} (step {s.resume.step})")
+             f"{ctx.roles.describe()} | workload {ctx.cfg.workload}, "
+             f"{ctx.workload.layout.total:,} params | device {ctx.cfg.device}"]
+    if ctx.resume is not None:
+        lines.append(f"resuming from {ctx.resume.path} (step {ctx.resume.step})")
     if extra:
         lines.append(extra)
     print("\n".join(lines), flush=True)
 
 
-def _run(s: Setup, quiet: bool) -> int:
-    if s.roles.mode in ("single", "allreduce"):
-        return _run_replicated(s, quiet)
-    from hpcps.ps.launch import run_parameter_server
-    return run_parameter_server(s, quiet)
+def run(ctx: RunContext) -> int:
+    """This rank's role until the job ends or stops; returns the exit code."""
+    if ctx.roles.mode not in PS_MODES:
+        if ctx.is_lead and not ctx.quiet:
+            banner(ctx)
+        code = run_worker(ctx, None)
+    else:
+        shards = ShardSet.open(ctx.cfg, ctx.roles, ctx.workload.layout)  # collective
+        if ctx.is_lead and not ctx.quiet:
+            banner(ctx, f"shards: {[hi - lo for lo, hi in shards.ranges]} elements; push "
+                        f"encoding {ctx.cfg.ps.compression}")
+        _memory_table(ctx, shards)
+        code = run_server(ctx, shards) if ctx.roles.is_server else run_worker(ctx, shards)
+        shards.close()  # collective
+    ctx.checkpointer.close()
+    return code
 
 
-def make_lead_io(s, quiet: bool):
-    from hpcps.metrics.progress_line import ProgressLine
-    from hpcps.metrics.runlog import MetricsWriter
-    # the checkpoint of boundary t carries the record of step t, written again on resume:
-    # keep only the records before it
-    keep_through = s.resume.step - 1 if s.resume is not None else None
-    writer = MetricsWriter(s.cfg.out_dir, keep_through)
-    progress = ProgressLine(s.cfg.train.max_steps, s.cfg.train.log_every, quiet)
-    return writer, progress
+def _memory_table(ctx: RunContext, shards: ShardSet) -> None:
+    """Every rank's resident bytes for the PS, printed by rank 0 as one line."""
+    roles = ctx.roles
+    table = roles.comm.gather((roles.world_rank, "server" if roles.is_server else "worker",
+                               shards.memory_bytes(ctx.cfg)), root=0)
+    if roles.world_rank == 0 and not ctx.quiet:
+        parts = [f"r{r}:{kind[0]}={b / 2**20:.1f}MiB" for r, kind, b in table]
+        print(f"memory per rank (params/state/buffers): {' '.join(parts)}", flush=True)
 
 
-def _run_replicated(s: Setup, quiet: bool) -> int:
-    from hpcps.gpu import configure, measure_peak
-    from hpcps.optim.schedule import lr_schedule
-    from hpcps.train.loop import Trainer
-    from hpcps.train.sync import AllreduceSync, LocalSync
-    cfg, roles, layout, backend = s.cfg, s.roles, s.workload.layout, s.backend
+def run_server(ctx: RunContext, shards: ShardSet) -> int:
+    cfg, layout = ctx.cfg, ctx.workload.layout
+    job_peak_flops(cfg, ctx.roles, ctx.backend)  # collective: the workers measure meanwhile
+    lo, hi = shards.own_range
+    optimizer = make_optimizer(cfg, hi - lo, layout.decay_ranges(lo, hi))
+    if ctx.resume is not None:
+        state = ctx.resume.load_shard(lo, hi)
+        optimizer.load_state(state)
+        params, version = state["params"], int(state["version"])
+        if ctx.roles.mode == "bsp":  # bsp counts one update per step (asp counts pushes)
+            version = ctx.resume.step
+    else:
+        params, version = layout.init_slice(cfg.train.seed, lo, hi), 0
+
+    def save(reason, comm, shard) -> None:
+        ctx.checkpointer.save(reason["step"], shard=shard, worker=None, reason=reason, comm=comm)
+    return serve(cfg=cfg, shards=shards, optimizer=optimizer, lr_fn=lr_schedule(cfg),
+                 params=params, version=version, save=save)
+
+
+def run_worker(ctx: RunContext, shards: Optional[ShardSet]) -> int:
+    """A worker of any mode: the mode's strategy, the one Trainer, the lead's run log."""
+    cfg, roles, layout, backend = ctx.cfg, ctx.roles, ctx.workload.layout, ctx.backend
     configure(backend, cfg)
     lr_fn = lr_schedule(cfg)
-    if s.resume is not None:
-        shard = s.resume.load_shard(0, layout.total)
-        params_host = shard["params"]
-    else:
-        shard = None
-        params_host = layout.init_slice(cfg.train.seed)
-    params = backend.asarray(params_host) if backend.is_gpu else params_host
+    saved = ctx.resume.load_worker(roles.worker_index, roles.n_workers) if ctx.resume else {}
+    sync, params, grads = _strategy(ctx, shards, lr_fn, saved)
+    peak = job_peak_flops(cfg, roles, backend)
+    log = None
+    if ctx.is_lead:
+        # the checkpoint of boundary t carries the record of step t, written again on
+        # resume: keep only the records before it
+        log = RunLog(cfg, ctx.start_step - 1 if ctx.resume is not None else None, ctx.quiet)
+    pending = json.loads(saved["pending_record"]) if saved.get("pending_record") else None
+    trainer = Trainer(cfg=cfg, roles=roles, workload=ctx.workload, sync=sync, params=params,
+                      grads=grads, lr_fn=lr_fn, start_step=ctx.start_step, log=log,
+                      pending_record=pending, peak_flops=peak)
+    if shards is not None:
+        roles.comm.Barrier()  # matches the servers' barrier after initialising their shards
+    code = trainer.run()
+    if log is not None:
+        log.close()
+    return code
+
+
+def _strategy(ctx: RunContext, shards: Optional[ShardSet], lr_fn, saved: dict):
+    """(sync, params, grads) of this worker's mode; on a GPU the model's buffers live on the
+    device and the strategy is wrapped so MPI gets device buffers or pinned mirrors."""
+    cfg, roles, layout, backend = ctx.cfg, ctx.roles, ctx.workload.layout, ctx.backend
+    if shards is not None:
+        device = PSDeviceBuffers(cfg, layout, shards.codecs, cuda_aware_mpi()) if backend.is_gpu else None
+        params = device.mpi_params if device else np.zeros(layout.total, dtype=np.float32)
+        grads = device.mpi_grads if device else layout.new_buffer()
+        sync = PSSync(cfg=cfg, shards=shards, params=params, checkpointer=ctx.checkpointer,
+                      worker_state=saved)
+        if device is not None:
+            return device.wrap(sync), device.params, device.grads
+        return sync, params, grads
+    # single / allreduce: a replica of params and optimizer state on every rank
+    shard = ctx.resume.load_shard(0, layout.total) if ctx.resume is not None else None
+    host = shard["params"] if shard is not None else layout.init_slice(cfg.train.seed)
+    params = backend.asarray(host) if backend.is_gpu else host
     grads = layout.new_buffer(backend.xp)
     if roles.mode == "single":
-        sync = LocalSync(cfg, layout, lr_fn, params, s.checkpointer, backend)
-    else:
-        sync = AllreduceSync(cfg, layout, lr_fn, params, roles, s.checkpointer, backend)
-    if shard is not None:
-        sync.opt.load_state(shard)
-    lead = roles.world_rank == roles.lead_worker
-    writer = progress = None
-    pending = None
-    if lead:
-        writer, progress = make_lead_io(s, quiet)
-        if not quiet:
-            _banner(s)
-    if s.resume is not None:
-        text = s.resume.load_worker(roles.worker_index, roles.n_workers).get("pending_record")
-        pending = json.loads(text) if text else None
-    peak = cfg.train.peak_flops or (measure_peak(backend, measure_peak_flops) if lead else 0.0)
-    trainer = Trainer(cfg=cfg, roles=roles, workload=s.workload, sync=sync, params=params,
-                      grads=grads, lr_fn=lr_fn, start_step=s.resume.step if s.resume else 0,
-                      writer=writer, progress=progress, pending_record=pending, peak_flops=peak,
-                      straggle=_straggle(cfg, roles.world_rank))
-    code = trainer.run()
-    if writer is not None:
-        writer.close()
-    if s.checkpointer is not None:
-        s.checkpointer.close()
-    return code
+        return LocalSync(cfg, layout, lr_fn, params, ctx.checkpointer, backend, shard), params, grads
+    device = AllreduceBuffer(layout.total, cuda_aware_mpi()) if backend.is_gpu else None
+    sync = AllreduceSync(cfg, layout, lr_fn, params, roles, ctx.checkpointer, backend, shard,
+                         device_buffer=device)
+    return sync, params, grads

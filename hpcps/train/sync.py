@@ -1,17 +1,20 @@
-"""How a worker's gradient becomes an update: the strategies the trainer runs on.
+"""How a worker's gradient becomes an update: the consistency strategies the trainer runs on.
 
-Every strategy offers the same calls to the training loop:
-``decide(step)`` (stop requested?), ``sync_point(step, reason)`` (collective:
-checkpoint / stop / end), ``pull(step)``, ``push(step, grads, weight, loss)``
--> step stats, and ``traffic()``.
+``StepSync`` is the seam: what the training loop asks of a strategy at every step.
+Three implementations:
 
 - ``LocalSync``: one process, optimizer on the whole buffer.
 - ``AllreduceSync``: synchronous data parallel, ``MPI_Allreduce`` of the
   weighted gradient, every rank runs the same optimizer (Horovod-style baseline).
-- ``hpcps.ps.worker_sync.PSSync``: push/pull through the server shards.
+- ``hpcps.train.ps_sync.PSSync``: push/pull through the parameter-server shards
+  (bsp, ssp, asp).
+
+(``hpcps.gpu.transport.DeviceSync`` wraps any of them for a model on the GPU.)
 """
 
 from __future__ import annotations
+
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 
@@ -19,30 +22,74 @@ from hpcps.gpu import to_host
 from hpcps.optim import make_optimizer
 from hpcps.optim.clip import clip_coefficient
 from hpcps.runtime import signals
+from hpcps.runtime.mpi import mpi
+
+GradReady = Callable[[int, int], None]
+"""``on_grad_ready(lo, hi)``: backward reports that gradient range [lo, hi) is final."""
+
+
+def ignore_grad_ready(lo: int, hi: int) -> None:
+    """The ``GradReady`` of strategies that send nothing before backward ends."""
+
+
+class StepSync(Protocol):
+    """What the training loop asks of a consistency strategy, in the order it asks.
+
+    At the top of step t: ``should_stop(t)`` (waits as the strategy's consistency rule
+    says; True when all ranks stop at this boundary), then at a boundary that needs all
+    ranks (checkpoint, stop, end) ``meet``, then ``pull(t)``. After the forward pass:
+    ``start_push`` before backward, ``push`` after it. ``traffic`` and ``worker_state``
+    feed the step record and the checkpoint."""
+
+    def should_stop(self, step: int) -> bool:
+        """Wait until ``step`` may begin; True when every worker stops at this step."""
+
+    def meet(self, step: int, reason: dict, worker_state: dict) -> dict:
+        """Collective sync point at ``step`` (checkpoint when ``reason`` says so); returns
+        the reason every rank follows (the lead worker's)."""
+
+    def pull(self, step: int) -> None:
+        """Make the params of ``step`` (after ``step`` updates) the ones the model reads."""
+
+    def start_push(self, grads, touched: dict) -> GradReady:
+        """Before backward: returns the callback backward reports finished ranges to."""
+
+    def push(self, step: int, grads, weight: float, loss: float) -> dict:
+        """Hand in the gradient of ``step`` (mean over ``weight`` items); returns the step's
+        statistics: ``loss``, ``grad_norm`` and, where known, staleness counts."""
+
+    def traffic(self) -> dict:
+        """Bytes moved since the last call, as MB, for the step record."""
+
+    def worker_state(self) -> dict:
+        """Arrays this worker adds to a checkpoint (e.g. error-feedback residuals)."""
+
+    def close(self) -> None:
+        """The run is over (flush logs, free buffers)."""
 
 
 class LocalSync:
-    stats_every_step = True
+    """One process: the optimizer steps the whole buffer after every backward."""
 
-    def __init__(self, cfg, layout, lr_fn, params, checkpointer=None, backend=None):
+    def __init__(self, cfg, layout, lr_fn, params, checkpointer=None, backend=None,
+                 opt_state: Optional[dict] = None):
         xp = backend.xp if backend is not None else np
         self.cfg, self.layout, self.lr_fn = cfg, layout, lr_fn
         self.params = params
         self.opt = make_optimizer(cfg, layout.total, layout.decay_ranges(), xp=xp)
+        if opt_state is not None:
+            self.opt.load_state(opt_state)
         self.checkpointer = checkpointer
         self.is_lead = True
 
-    def decide(self, step: int) -> bool:
+    def should_stop(self, step: int) -> bool:
         return signals.stop_requested()
 
     def pull(self, step: int) -> None:
-        pass
+        pass  # the params are updated in place by push
 
-    def begin_backward(self, grads, touched) -> None:
-        pass
-
-    def grad_ready(self, lo: int, hi: int) -> None:
-        pass
+    def start_push(self, grads, touched) -> GradReady:
+        return ignore_grad_ready
 
     def _apply(self, step: int, grads) -> float:
         sumsq = float(grads @ grads)
@@ -59,12 +106,16 @@ class LocalSync:
         state["params"] = to_host(self.params)
         return state
 
-    def sync_point(self, step: int, reason: dict, worker_state: dict) -> None:
+    def meet(self, step: int, reason: dict, worker_state: dict) -> dict:
         if reason.get("checkpoint") and self.checkpointer is not None:
             self.checkpointer.save(step, shard=(0, self.layout.total, self.shard_state()),
                                    worker=worker_state, reason=reason)
+        return reason
 
     def traffic(self) -> dict:
+        return {}
+
+    def worker_state(self) -> dict:
         return {}
 
     def close(self) -> None:
@@ -74,71 +125,55 @@ class LocalSync:
 class AllreduceSync(LocalSync):
     """Allreduce of [weight * grad, weight, weight * loss, stop flag] in one call."""
 
-    def __init__(self, cfg, layout, lr_fn, params, roles, checkpointer=None, backend=None):
-        super().__init__(cfg, layout, lr_fn, params, checkpointer, backend)
-        self.roles = roles
+    def __init__(self, cfg, layout, lr_fn, params, roles, checkpointer=None, backend=None,
+                 opt_state: Optional[dict] = None, device_buffer=None):
+        super().__init__(cfg, layout, lr_fn, params, checkpointer, backend, opt_state)
         self.comm = roles.comm
         self.is_lead = roles.world_rank == roles.lead_worker
-        self.device = None   # GPU: the payload lives on the device or in pinned host memory
-        if backend is not None and backend.is_gpu:
-            from hpcps.gpu.transport import AllreduceBuffer
-            from hpcps.runtime.mpi import cuda_aware_mpi
-            self.device = AllreduceBuffer(layout.total, cuda_aware_mpi())
-            self.buf = self.device.buf
-        else:
-            self.buf = np.empty(layout.total + 3, dtype=np.float32)
+        # GPU: the payload lives on the device or in pinned host memory (AllreduceBuffer)
+        self.device = device_buffer
+        self.buf = (device_buffer.buf if device_buffer is not None
+                    else np.empty(layout.total + 3, dtype=np.float32))
         self.stop_seen = False
         self.bytes = 0
 
-    def decide(self, step: int) -> bool:
-        return self.stop_seen
+    def should_stop(self, step: int) -> bool:
+        return self.stop_seen  # every rank learned it from the same allreduce
 
-    def begin_backward(self, grads, touched) -> None:
-        if self.device is not None:
-            self.device.begin(grads)
-
-    def grad_ready(self, lo: int, hi: int) -> None:
-        if self.device is not None:   # staged: copy this range to the host while backward runs
-            self.device.grad_ready(lo, hi)
+    def start_push(self, grads, touched) -> GradReady:
+        if self.device is None:
+            return ignore_grad_ready
+        self.device.begin(grads)
+        return self.device.grad_ready  # staged: copy each range to the host while backward runs
 
     def push(self, step, grads, weight, loss):
-        if self.device is not None:
-            return self._push_device(step, grads, weight, loss)
-        from hpcps.runtime.mpi import mpi
+        tail = [weight, weight * loss, 1.0 if signals.stop_requested() else 0.0]
         n = self.layout.total
-        buf = self.buf
-        np.multiply(grads, np.float32(weight), out=buf[:n])
-        buf[n] = weight
-        buf[n + 1] = weight * loss
-        buf[n + 2] = 1.0 if signals.stop_requested() else 0.0
-        self.comm.Allreduce(mpi().IN_PLACE, buf, op=mpi().SUM)
-        self.bytes += 2 * buf.nbytes
-        total = float(buf[n])
-        grads[...] = buf[:n]
-        grads *= np.float32(1.0 / total)
-        self.stop_seen = buf[n + 2] > 0
-        return {"loss": float(buf[n + 1]) / total, "grad_norm": self._apply(step, grads)}
-
-    def _push_device(self, step, grads, weight, loss):
-        """push() for device gradients: the same sums, through AllreduceBuffer."""
-        from hpcps.runtime.mpi import mpi
-        dev = self.device
-        dev.gather(grads, weight)
-        dev.set_tail([weight, weight * loss, 1.0 if signals.stop_requested() else 0.0])
+        if self.device is not None:
+            self.device.gather(grads, weight)
+            self.device.set_tail(tail)
+        else:
+            np.multiply(grads, np.float32(weight), out=self.buf[:n])
+            self.buf[n:] = tail
         self.comm.Allreduce(mpi().IN_PLACE, self.buf, op=mpi().SUM)
         self.bytes += 2 * self.buf.nbytes
-        total, loss_sum, stop = (float(v) for v in dev.tail())
-        dev.scatter(grads)
+        if self.device is not None:
+            total, loss_sum, stop = (float(v) for v in self.device.tail())
+            self.device.scatter(grads)
+        else:
+            total, loss_sum, stop = (float(v) for v in self.buf[n:])
+            grads[...] = self.buf[:n]
         grads *= np.float32(1.0 / total)
         self.stop_seen = stop > 0
         return {"loss": loss_sum / total, "grad_norm": self._apply(step, grads)}
 
-    def sync_point(self, step, reason, worker_state):
-        # every rank holds the same replica: rank 0 writes the one shard, all write worker state
+    def meet(self, step, reason, worker_state):
+        # every rank holds the same replica: the lead writes the one shard, all write worker state
         if reason.get("checkpoint") and self.checkpointer is not None:
             shard = (0, self.layout.total, self.shard_state()) if self.is_lead else None
             self.checkpointer.save(step, shard=shard, worker=worker_state, reason=reason)
         self.comm.Barrier()
+        return reason
 
     def traffic(self) -> dict:
         return {"allreduce_mb": self.bytes / 1e6}

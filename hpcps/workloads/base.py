@@ -9,11 +9,11 @@ can be added across workers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
-from hpcps.model.layout import ParamLayout
+from hpcps.model.layout import GradReady, ParamLayout
 
 
 class Workload(ABC):
@@ -26,10 +26,13 @@ class Workload(ABC):
         """Items [lo, hi) of the global batch of ``step`` (host arrays)."""
 
     @abstractmethod
-    def loss_and_grad(self, params, grads, batch, step: int, lo: int) -> tuple[float, float]:
+    def loss_and_grad(self, params, grads, batch, step: int, lo: int,
+                      on_grad_ready: Optional[GradReady] = None) -> tuple[float, float]:
         """Overwrite ``grads`` with d(mean loss)/d(params); return (mean loss, weight).
         ``weight`` is what the mean is over (tokens, masked tokens, pairs): the runtime
-        combines workers' gradients as sum(weight_w * grad_w) / sum(weight_w)."""
+        combines workers' gradients as sum(weight_w * grad_w) / sum(weight_w).
+        ``on_grad_ready(lo, hi)``, where the model can, hears of every gradient range as
+        soon as backward has finished it (a workload that never calls it is pushed whole)."""
 
     @abstractmethod
     def eval_sums(self, params, lo: int, hi: int) -> dict[str, float]:
@@ -45,9 +48,6 @@ class Workload(ABC):
 
     def flops_per_item(self) -> float:
         return 0.0
-
-    def set_grad_ready_callback(self, callback) -> None:
-        """``callback(lo, hi)`` whenever gradient range [lo, hi) is final during backward."""
 
     def describe(self) -> dict[str, Any]:
         """Shape facts stored in checkpoint manifests and checked on resume."""

@@ -112,13 +112,14 @@ class BertWorkload(TokenStreamWorkload):
     def train_batch(self, step, lo, hi):
         return self.masked_batch("train", step, lo, hi)
 
-    def loss_and_grad(self, params, grads, batch, step, lo):
+    def loss_and_grad(self, params, grads, batch, step, lo, on_grad_ready=None):
         inputs, targets = batch
         keys = None
         if self.dropout > 0:
             keys = sequence_keys(self.seed, DROPOUT_STREAM, step, lo, lo + len(inputs))
         loss = self.model.forward_backward(params, grads, self._device(inputs),
-                                           self._device(targets), dropout_keys=keys)
+                                           self._device(targets), dropout_keys=keys,
+                                           on_grad_ready=on_grad_ready)
         return loss, float((targets != -1).sum())
 
     def unigram_token(self) -> int:

@@ -49,9 +49,6 @@ class TokenStreamWorkload(Workload):
     def flops_per_item(self):
         return self.model.flops_per_token() * self.block_size
 
-    def set_grad_ready_callback(self, callback):
-        self.model.on_grad_ready = callback
-
     def describe_stream(self, vocab_size: int) -> dict:
         """The checkpoint description both transformers share: shape and tokenizer."""
         m = self.cfg.model
@@ -91,13 +88,13 @@ class GPTWorkload(TokenStreamWorkload):
     def train_batch(self, step, lo, hi):
         return self.batcher("train").batch(step, lo, hi)
 
-    def loss_and_grad(self, params, grads, batch, step, lo):
+    def loss_and_grad(self, params, grads, batch, step, lo, on_grad_ready=None):
         x, y = batch
         keys = None
         if self.dropout > 0:
             keys = sequence_keys(self.seed, DROPOUT_STREAM, step, lo, lo + len(x))
         loss = self.model.forward_backward(params, grads, self._device(x), self._device(y),
-                                           dropout_keys=keys)
+                                           dropout_keys=keys, on_grad_ready=on_grad_ready)
         return loss, float(y.size)
 
     def eval_sums(self, params, lo, hi):

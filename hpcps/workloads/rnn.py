@@ -73,7 +73,7 @@ class RNNWorkload(Workload):
         split = self.corpus.split("train")
         return self._batch(split, offsets(self.seed, TRAIN_STREAM, step, lo, hi, split.n))
 
-    def loss_and_grad(self, params, grads, batch, step, lo):
+    def loss_and_grad(self, params, grads, batch, step, lo, on_grad_ready=None):
         tokens, lengths, labels = (self._device(a) for a in batch)
         loss = self.model.forward_backward(params, grads, tokens, lengths, labels)
         return loss, float(len(batch[2]))

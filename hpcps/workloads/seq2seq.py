@@ -161,14 +161,15 @@ class Seq2SeqWorkload(Workload):
 
     # -- training ----------------------------------------------------------------------
 
-    def loss_and_grad(self, params, grads, batch, step, lo):
+    def loss_and_grad(self, params, grads, batch, step, lo, on_grad_ready=None):
         src, src_len, tgt_in, tgt_out = batch
         keys = None
         if self.dropout > 0:
             keys = sequence_keys(self.seed, DROPOUT_STREAM, step, lo, lo + len(src))
         d = self._device
         loss = self.model.forward_backward(params, grads, d(src), d(src_len), d(tgt_in),
-                                           d(tgt_out), dropout_keys=keys)
+                                           d(tgt_out), dropout_keys=keys,
+                                           on_grad_ready=on_grad_ready)
         return loss, float((tgt_out != -1).sum())
 
     def touched_rows(self, batch):
@@ -226,9 +227,6 @@ class Seq2SeqWorkload(Workload):
 
     def flops_per_item(self):
         return self.model.flops_per_pair(*self.mean_lengths())
-
-    def set_grad_ready_callback(self, callback):
-        self.model.on_grad_ready = callback
 
     def describe(self):
         m, sc = self.cfg.model, self.cfg.seq2seq

@@ -163,7 +163,7 @@ class SkipGramWorkload(Workload):
     def train_batch(self, step, lo, hi):
         return self.sampler("train").batch(step, lo, hi)
 
-    def loss_and_grad(self, params, grads, batch, step, lo):
+    def loss_and_grad(self, params, grads, batch, step, lo, on_grad_ready=None):
         centers, targets = batch
         loss = self.model.forward_backward(params, grads, self._device(centers),
                                            self._device(targets))

@@ -35,7 +35,7 @@ class SyntheticWorkload(Workload):
     def train_batch(self, step, lo, hi):
         return (lo, hi)
 
-    def loss_and_grad(self, params, grads, batch, step, lo):
+    def loss_and_grad(self, params, grads, batch, step, lo, on_grad_ready=None):
         if self.cfg.synthetic.compute_ms:
             time.sleep(self.cfg.synthetic.compute_ms / 1000.0)
         np.multiply(self.pattern, np.float32(lo + 1), out=grads)

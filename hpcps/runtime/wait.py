@@ -4,20 +4,44 @@ Every wait in the parameter server is a poll loop: check a condition through
 MPI atomics, do periodic duties (heartbeat, peer watch), then back off: a few
 yields, then sleeps doubling up to ``cap``. An idle server or a worker waiting
 for a BSP step therefore uses a few percent of a core, not all of it.
+
+A rank that owns window memory passes ``progress`` (a cheap MPI call): over a
+network module, other ranks' atomics on its windows complete only while it is
+inside MPI, so its sleeps are cut into slices of at most ``PROGRESS_SLICE`` with
+a call to ``progress`` between them (docs/protocol.md, "Progress").
 """
 
 from __future__ import annotations
 
 import time
-
+from typing import Callable, Optional
 
 NAP_SLICE = 0.05  # longest single sleep: periodic duties (heartbeats, watches) keep running
+PROGRESS_SLICE = 2e-4  # longest sleep without entering MPI on a rank that owns window memory
+
+
+def sleep_with_progress(seconds: float, progress: Optional[Callable[[], None]]) -> None:
+    """Sleep ``seconds``; with ``progress``, enter MPI at least every ``PROGRESS_SLICE``."""
+    if progress is None:
+        time.sleep(seconds)
+        return
+    end = time.monotonic() + seconds
+    while True:
+        progress()
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, PROGRESS_SLICE))
 
 
 class Backoff:
-    def __init__(self, cap: float = 0.0005, spins: int = 4):
+    """The pause between two polls of one wait (see the module docstring)."""
+
+    def __init__(self, cap: float = 0.0005, spins: int = 4,
+                 progress: Optional[Callable[[], None]] = None):
         self.cap = cap
         self.spins = spins
+        self.progress = progress
         self.reset()
 
     def reset(self, expect: float = 0.0) -> None:
@@ -32,15 +56,26 @@ class Backoff:
     def pause(self) -> None:
         if self.ahead > 0:
             nap = min(self.ahead, NAP_SLICE)
-            time.sleep(nap)
+            sleep_with_progress(nap, self.progress)
             self.ahead -= nap
             return
         self.count += 1
         if self.count <= self.spins:
+            if self.progress is not None:
+                self.progress()
             time.sleep(0)  # yield the core to a compute process sharing it
             return
-        time.sleep(self.delay)
+        sleep_with_progress(self.delay, self.progress)
         self.delay = min(self.cap, self.delay * 2)
+
+
+def wait_until(condition: Callable[[], bool], duties: Callable[[], None],
+               backoff: Optional[Backoff] = None) -> None:
+    """Poll ``condition``, running ``duties`` and backing off between polls."""
+    backoff = backoff or Backoff()
+    while not condition():
+        duties()
+        backoff.pause()
 
 
 class WaitHistory:

@@ -17,23 +17,25 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 import numpy as np
+
+from hpcps.bench.ps import PSBench, no_duties
+from hpcps.config.load import load_config
+from hpcps.gpu.transport import CudaOps, GradStager
+from hpcps.model.layout import ParamLayout
+from hpcps.ps.client import PSClient
+from hpcps.ps.codec import ShardCodec
+from hpcps.ps.shards import ShardSet
+from hpcps.ps.windows import PSWindows
+from hpcps.runtime.mpi import mpi
 
 
 def mpi_bandwidth(out_path: str, sizes=(1 << 22, 1 << 26), repeats: int = 5) -> None:
     """Rank 1 serves (host windows), rank 0 moves GPU buffers: the PS path through
     DeviceSync-style staging vs raw Put/Get of the same buffers via the same pinned memory."""
-    import statistics
-
-    from hpcps.bench.ps import PSBench
-    from hpcps.config.load import load_config
-    from hpcps.model.layout import ParamLayout
-    from hpcps.ps.client import PSClient
-    from hpcps.ps.codec import ShardCodec
-    from hpcps.ps.windows import PSWindows
-    from hpcps.runtime.mpi import mpi
     MPI = mpi()
     comm = MPI.COMM_WORLD
     bench = PSBench(comm, 1)
@@ -49,7 +51,7 @@ def mpi_bandwidth(out_path: str, sizes=(1 << 22, 1 << 26), repeats: int = 5) -> 
         raw = MPI.Win.Allocate(size if roles.is_server else 0, 1, comm=comm)
         samples = {"ps_push": [], "ps_pull": [], "raw_put": [], "raw_get": []}
         if roles.is_worker:
-            worker = _BandwidthWorker(cfg, roles, wins, codecs, raw, n, MPI, PSClient)
+            worker = _BandwidthWorker(cfg, ShardSet(roles, [(0, n)], codecs, wins), raw, n, MPI)
         for rep in range(repeats + 1):
             for variant in samples:
                 if roles.is_server:
@@ -106,22 +108,20 @@ class _HostOps:
 
 
 class _BandwidthWorker:
-    def __init__(self, cfg, roles, wins, codecs, raw, n, MPI, PSClient):
-        from hpcps.gpu.transport import CudaOps, GradStager
-        self.MPI, self.raw, self.wins, self.n = MPI, raw, wins, n
+    def __init__(self, cfg, shards: ShardSet, raw, n, MPI):
+        self.MPI, self.raw, self.wins, self.n = MPI, raw, shards.wins, n
         if os.environ.get("HPCPS_CHECK_DEVICE", "gpu") == "cpu":
             xp, self.ops = np, _HostOps()
         else:
-            import cupy as xp
+            import cupy as xp  # only on a GPU machine: the dry run above needs none
             self.ops = CudaOps()
         self.device = xp.arange(n, dtype=np.float32)
         self.params = xp.zeros(n, dtype=np.float32)
         self.host_grads = self.ops.pinned_empty(n)
         self.host_params = self.ops.pinned_empty(n)
-        self.client = PSClient(cfg=cfg, roles=roles, wins=wins, ranges=[(0, n)], codecs=codecs,
-                               params=self.host_params)
-        self.stager = GradStager(self.ops, self.device, self.host_grads, self.client.grad_ready)
-        self.server = roles.servers[0]
+        self.client = PSClient(cfg=cfg, shards=shards, params=self.host_params, duties=no_duties)
+        self.stager = GradStager(self.ops, self.device, self.host_grads)
+        self.server = shards.roles.servers[0]
 
     def run(self, variant: str, bench) -> float:
         MPI, n = self.MPI, self.n
@@ -133,13 +133,12 @@ class _BandwidthWorker:
         self.ops.synchronize_compute()
         t0 = time.perf_counter()
         if variant == "ps_push":   # four buckets, last first, as backward reports them
-            self.client.begin_step(self.host_grads, None)
-            self.stager.begin()
+            self.stager.begin(self.client.start_push(self.host_grads, None))
             bounds = [n * i // 4 for i in range(5)]
             for i in reversed(range(4)):
                 self.stager.ready(bounds[i], bounds[i + 1])
             self.stager.finish()
-            self.client.push(0, weight=1.0, loss=0.0, scale=1.0)
+            self.client.wait(self.client.push(0, weight=1.0, loss=0.0, scale=1.0))
         elif variant == "ps_pull":
             self.client.wait(self.client.pull(0))
             self.ops.wait(self.ops.copy_to_device_async(self.params, self.host_params, 0, n))

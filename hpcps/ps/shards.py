@@ -1,0 +1,65 @@
+"""The shards of the flat buffer as every rank of a parameter-server job sees them.
+
+Servers and workers build the same ``ShardSet`` from the config and the model's
+layout (``open`` is collective: the windows are allocated over the world), so a
+worker knows each shard's range and push encoding without asking anyone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hpcps.ps.codec import ShardCodec
+from hpcps.ps.roles import Roles
+from hpcps.ps.sharding import shard_ranges
+from hpcps.ps.windows import PSWindows
+
+
+@dataclass
+class ShardSet:
+    roles: Roles
+    ranges: list[tuple[int, int]]   # [lo, hi) of shard s in the flat buffer
+    codecs: list[ShardCodec]        # the push encoding of shard s
+    wins: PSWindows
+
+    @classmethod
+    def open(cls, cfg, roles: Roles, layout) -> "ShardSet":
+        """Collective over ``roles.comm``: shard the buffer and allocate the windows."""
+        ranges = shard_ranges(layout.total, roles.n_servers)
+        codecs = [ShardCodec(layout, lo, hi, cfg.ps.compression, cfg.ps.topk_ratio,
+                             cfg.ps.sparse_embedding) for lo, hi in ranges]
+        wins = PSWindows(roles.comm, roles, ranges, [c.max_payload_bytes for c in codecs])
+        return cls(roles, ranges, codecs, wins)
+
+    @property
+    def own_range(self) -> tuple[int, int]:
+        """The range of this server's shard."""
+        return self.ranges[self.roles.server_index]
+
+    def memory_bytes(self, cfg) -> int:
+        """Resident bytes this rank holds for the parameter server (the start-up table)."""
+        P = self.ranges[-1][1]
+        if self.roles.is_server:
+            lo, hi = self.own_range
+            return server_memory_bytes(hi - lo, self.roles.n_workers,
+                                       self.wins.strides[self.roles.server_index],
+                                       cfg.train.optimizer)
+        feedback = cfg.ps.error_feedback and cfg.ps.compression != "none"
+        return P * 4 * (2 + (2 if feedback else 0)) + sum(self.wins.strides)
+
+    def close(self) -> None:
+        """Collective: every rank is done with the windows; servers check the guard bytes."""
+        self.roles.comm.Barrier()
+        if self.roles.is_server:
+            damaged = self.wins.check_guards()
+            if damaged:
+                raise RuntimeError(f"window guard regions overwritten on server "
+                                   f"{self.roles.server_index}: {', '.join(damaged)} (an RMA "
+                                   "write went out of bounds)")
+        self.wins.free()
+
+
+def server_memory_bytes(n: int, n_workers: int, stride: int, optimizer: str) -> int:
+    """Bytes a shard of n elements needs: params + optimizer state + scratch + slots + acc."""
+    state = 2 if optimizer == "adamw" else 1
+    return n * 4 * (1 + state + 1 + 1) + n_workers * stride
