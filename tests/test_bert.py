@@ -6,7 +6,6 @@ unigram baseline."""
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
@@ -22,9 +21,9 @@ from hpcps.model.workspace import Workspace
 from hpcps.workloads.bert import mask_tokens, masked_count
 
 try:
-    from gradcheck import check_layer_grad, break_gelu_derivative, projection
+    from gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative, projection
 except ImportError:  # tests imported as a package
-    from tests.gradcheck import check_layer_grad, break_gelu_derivative, projection
+    from tests.gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative, projection
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -196,18 +195,10 @@ def test_grads_overwritten_and_ranges_reported_in_order():
     assert not lay.views(clean)["wpe"][4:].any() and lay.views(clean)["wpe"][:4].all()
 
 
-class _NotNumpy(types.ModuleType):
-    """A stand-in array module that is not ``numpy`` itself: runs the GPU-side code paths
-    on CPU arrays."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-
 def test_gpu_code_path_matches_cpu_path():
     idx, targets = _batch()
     results = []
-    for backend in (CPU, Backend("stand-in", _NotNumpy("stand_in"))):
+    for backend in (CPU, Backend("stand-in", NotNumpy("stand_in"))):
         model = BertMLM(**TINY, bias=True, dropout=0.2, backend=backend)
         params = model.init_params(4)
         grads = np.empty_like(params)

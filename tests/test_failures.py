@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from mpi_util import read_metrics, require_implementation
-from test_resume import Job, checkpoint_steps, run_ok, train_args
+from mpi_util import (Job, checkpoint_steps, read_metrics, require_implementation, run_ok,
+                      tiny_gpt_args)
 
 pytestmark = pytest.mark.mpi
 
@@ -44,7 +44,7 @@ def test_signal_checkpoints_and_exits_3(shakespeare_corpus, tmp_path, mode, n, r
     if n:
         require_implementation("mpich")
     run = tmp_path / "run"
-    args = train_args(shakespeare_corpus, run, f"ps.mode={mode}", "ps.servers=1", LONG)
+    args = tiny_gpt_args(shakespeare_corpus, run, f"ps.mode={mode}", "ps.servers=1", LONG)
     job = Job(["-q", *args], run, n=n, name="signalled")
     job.wait_for_step(5)
     job.signal_rank(rank, sig)
@@ -61,8 +61,8 @@ def test_signal_checkpoints_and_exits_3(shakespeare_corpus, tmp_path, mode, n, r
     assert manifest["reason"]["signal"] == (sig.name if rank == 0 else "")
     assert manifest["mode"] == mode
     # requeued: resume and finish a few steps later
-    resumed = run_ok(train_args(shakespeare_corpus, run, f"ps.mode={mode}", "ps.servers=1",
-                                f"train.max_steps={stopped + 4}"), run, n=n, name="resumed")
+    resumed = run_ok(tiny_gpt_args(shakespeare_corpus, run, f"ps.mode={mode}", "ps.servers=1",
+                                   f"train.max_steps={stopped + 4}"), run, n=n, name="resumed")
     assert f"step_{stopped:08d}" in resumed.stdout, resumed.output()
     assert [r["step"] for r in read_metrics(run)] == list(range(1, stopped + 5))
     assert checkpoint_steps(run)[-1] == stopped + 4
@@ -71,7 +71,7 @@ def test_signal_checkpoints_and_exits_3(shakespeare_corpus, tmp_path, mode, n, r
 @pytest.mark.timeout(180)
 def test_signal_in_bsp_under_both_mpis(shakespeare_corpus, tmp_path, mpi_impl):
     run = tmp_path / "run"
-    job = Job(["-q", *train_args(shakespeare_corpus, run, "ps.mode=bsp", LONG)], run, n=3,
+    job = Job(["-q", *tiny_gpt_args(shakespeare_corpus, run, "ps.mode=bsp", LONG)], run, n=3,
               impl=mpi_impl, name="signalled")
     job.wait_for_step(4)
     job.signal_rank(0, signal.SIGUSR1)
@@ -87,8 +87,8 @@ def test_stop_while_a_worker_waits_past_the_boundary(shakespeare_corpus, tmp_pat
     require_implementation("mpich")
     for attempt, (rank, at) in enumerate([(0, 2), (0, 3), (1, 4), (0, 5), (1, 3), (0, 4)]):
         run = tmp_path / f"run{attempt}"
-        job = Job(["-q", *train_args(shakespeare_corpus, run, "ps.mode=bsp", LONG,
-                                     "checkpoint.every=2")], run, n=3, name=f"stop{attempt}")
+        job = Job(["-q", *tiny_gpt_args(shakespeare_corpus, run, "ps.mode=bsp", LONG,
+                                         "checkpoint.every=2")], run, n=3, name=f"stop{attempt}")
         job.wait_for_step(at)
         job.signal_rank(rank, signal.SIGUSR1)
         assert job.wait(30) == 3, job.output()
@@ -112,7 +112,7 @@ def wait_for_text(job: Job, text: str, timeout: float) -> float:
 def test_stopped_worker_aborts_bsp_naming_it(shakespeare_corpus, tmp_path):
     require_implementation("mpich")
     run = tmp_path / "run"
-    job = Job(["-q", *train_args(shakespeare_corpus, run, "ps.mode=bsp", LONG, *WATCH)], run,
+    job = Job(["-q", *tiny_gpt_args(shakespeare_corpus, run, "ps.mode=bsp", LONG, *WATCH)], run,
               n=3, name="bsp")
     job.wait_for_step(5)
     pid = job.rank_pids()[1]
@@ -136,8 +136,8 @@ def test_stopped_worker_aborts_bsp_naming_it(shakespeare_corpus, tmp_path):
 def test_stopped_worker_asp_keeps_training(shakespeare_corpus, tmp_path):
     require_implementation("mpich")
     run = tmp_path / "run"
-    args = train_args(shakespeare_corpus, run, "ps.mode=asp", LONG, "train.max_steps=200000",
-                      "checkpoint.every=0", "ps.heartbeat_timeout=1", "ps.dead_timeout=60")
+    args = tiny_gpt_args(shakespeare_corpus, run, "ps.mode=asp", LONG, "train.max_steps=200000",
+                         "checkpoint.every=0", "ps.heartbeat_timeout=1", "ps.dead_timeout=60")
     job = Job(["-q", *args], run, n=3, name="asp")
     job.wait_for_step(5)
     pid = job.rank_pids()[1]
@@ -176,14 +176,14 @@ TEXT = "the quick brown fox jumps over the lazy dog; then it sleeps.\n" * 200
 def first_run(make_corpus, tmp_path):
     corpus = make_corpus(TEXT)
     run = tmp_path / "run"
-    run_ok(["-q", *train_args(corpus, run, "train.max_steps=6")], run, name="first")
+    run_ok(["-q", *tiny_gpt_args(corpus, run, "train.max_steps=6")], run, name="first")
     return corpus, run, fingerprint(run / "checkpoints")
 
 
 @pytest.mark.timeout(120)
 def test_other_model_shape(first_run):
     corpus, run, before = first_run
-    job = Job(train_args(corpus, run, "model.n_embd=16", "model.n_layer=2"), run, name="shape")
+    job = Job(tiny_gpt_args(corpus, run, "model.n_embd=16", "model.n_layer=2"), run, name="shape")
     line = one_line_error(job)
     assert "step_00000006 was written for n_embd=32, n_layer=1" in line, line
     assert "this run has n_embd=16, n_layer=2" in line
@@ -199,7 +199,7 @@ def test_other_vocab_or_tokenizer(first_run, make_corpus, change):
     else:  # '.' becomes '?': the same vocabulary size, other ids
         text = TEXT.replace(".", "?")
     other = make_corpus(text)
-    job = Job(train_args(other, run), run, name="vocab")
+    job = Job(tiny_gpt_args(other, run), run, name="vocab")
     line = one_line_error(job)
     assert "written for" in line and "tokenizer_sha256=" in line, line
     if change == "one_more_char":
@@ -224,7 +224,7 @@ def test_bad_resume_path(first_run, tmp_path, case):
         (target / "manifest.json").write_text('{"format": "hpcps-checkpoint", "step":')
         expect = "manifest is not valid JSON"
     before = fingerprint(run / "checkpoints")
-    job = Job(train_args(corpus, run, f"train.resume={target}"), run, name="path")
+    job = Job(tiny_gpt_args(corpus, run, f"train.resume={target}"), run, name="path")
     line = one_line_error(job)
     assert expect in line and str(target) in line, line
     assert fingerprint(run / "checkpoints") == before
@@ -235,7 +235,7 @@ def test_checkpoint_dir_not_writable(first_run, tmp_path):
     corpus, run, before = first_run
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    job = Job(train_args(corpus, run, f"checkpoint.dir={blocker}/ckpt"), run, name="dir")
+    job = Job(tiny_gpt_args(corpus, run, f"checkpoint.dir={blocker}/ckpt"), run, name="dir")
     line = one_line_error(job)
     assert f"checkpoint.dir {blocker}/ckpt cannot be created or written" in line, line
     assert fingerprint(run / "checkpoints") == before
@@ -246,8 +246,8 @@ def test_checkpoint_dir_not_writable(first_run, tmp_path):
 def test_disk_full_keeps_the_previous_checkpoint(first_run, background):
     corpus, run, before = first_run
     full = {"HPCPS_CHECKPOINT_FAULT": "enospc:step=9:rank=0"}
-    job = Job(train_args(corpus, run, "train.max_steps=20", f"checkpoint.background={background}"),
-              run, env=full, name="full")
+    job = Job(tiny_gpt_args(corpus, run, "train.max_steps=20",
+                            f"checkpoint.background={background}"), run, env=full, name="full")
     line = one_line_error(job)
     assert "checkpoint at step 9: cannot write" in line and "No space left on device" in line, line
     kept = fingerprint(run / "checkpoints")
@@ -259,7 +259,7 @@ def test_disk_full_on_a_server_ends_the_job_with_exit_2(first_run):
     require_implementation("mpich")
     corpus, run, before = first_run
     full = {"HPCPS_CHECKPOINT_FAULT": "enospc:step=9:rank=2"}
-    job = Job(train_args(corpus, run, "ps.mode=bsp", "train.max_steps=20"), run, n=3, env=full,
+    job = Job(tiny_gpt_args(corpus, run, "ps.mode=bsp", "train.max_steps=20"), run, n=3, env=full,
               name="full")
     assert job.wait(60) == 2, job.output()
     assert "No space left on device" in job.stderr

@@ -5,7 +5,6 @@ batch-split dropout, layout / init, input errors, and a short training run."""
 from __future__ import annotations
 
 import math
-import types
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,9 @@ from hpcps.errors import UserError
 from hpcps.model.gpt import GPT
 
 try:
-    from gradcheck import check_layer_grad, break_gelu_derivative
+    from gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative
 except ImportError:  # tests imported as a package
-    from tests.gradcheck import check_layer_grad, break_gelu_derivative
+    from tests.gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -244,18 +243,10 @@ def test_bad_threads_argument():
         GPT(**TINY, threads=0)
 
 
-class _NotNumpy(types.ModuleType):
-    """A stand-in array module that is not ``numpy`` itself: runs the GPU-side code paths
-    (always-shifted softmax) on CPU arrays."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-
 def test_gpu_code_path_matches_cpu_path():
     idx, targets = _batch(GPT(**TINY))
     results = []
-    for backend in (Backend("numpy", np), Backend("stand-in", _NotNumpy("stand_in"))):
+    for backend in (Backend("numpy", np), Backend("stand-in", NotNumpy("stand_in"))):
         model = GPT(**TINY, bias=True, tie_embeddings=False, backend=backend)
         params = model.init_params(4)
         grads = np.empty_like(params)

@@ -14,21 +14,15 @@ import hpcps.model.layers as layers
 from hpcps.model.workspace import Workspace
 
 try:
-    from gradcheck import check_layer_grad, projection
+    from gradcheck import assert_fails, check_layer_grad, projection
 except ImportError:  # tests imported as a package
-    from tests.gradcheck import check_layer_grad, projection
+    from tests.gradcheck import assert_fails, check_layer_grad, projection
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def _rng(seed: int = 0):
     return np.random.default_rng(seed)
-
-
-def assert_fails(report) -> None:
-    """Negative control: the checker must reject a wrong backward by a wide margin."""
-    assert not report.ok, report
-    assert max(report.errors.values()) > 1e3 * report.rtol, report
 
 
 # -- embedding -------------------------------------------------------------------------

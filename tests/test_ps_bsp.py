@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from mpi_util import (mismatches, check_ok, mpi_env, mpich_mpirun, read_metrics, require_implementation,
-                      run_command, run_mpi)
+from mpi_util import (SHAKESPEARE_CHAR, mismatches, check_ok, mpi_env, mpich_mpirun, read_metrics,
+                      require_implementation, run_command, run_mpi, train_args)
 
 pytestmark = pytest.mark.mpi
 
@@ -23,9 +23,10 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_siz
         "train.eval_steps=2", "train.peak_flops=1e9"]
 
 
-def train_args(corpus, run_dir, batch: int, extra=()) -> list[str]:
-    return ["-q", "train", "configs/shakespeare_char.toml", f"data.path={corpus}", *TINY,
-            f"train.batch_size={batch}", f"out_dir={run_dir}", *extra]
+def tiny_args(corpus, run_dir, batch: int, extra=()) -> list[str]:
+    """Quiet ``train_args`` of the tiny model above, ``batch`` sequences per worker."""
+    return ["-q", *train_args(SHAKESPEARE_CHAR, corpus, run_dir, *TINY, f"train.batch_size={batch}",
+                              *extra)]
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +39,7 @@ def reference(shakespeare_corpus, tmp_path_factory):
         if key not in cache:
             run = tmp_path_factory.mktemp("single")
             cmd = [sys.executable, "-m", "hpcps",
-                   *train_args(shakespeare_corpus, run, global_batch, extra), "ps.mode=single"]
+                   *tiny_args(shakespeare_corpus, run, global_batch, extra), "ps.mode=single"]
             check_ok(run_command(cmd, 60, mpi_env("mpich")))
             cache[key] = read_metrics(run)
         return cache[key]
@@ -55,8 +56,8 @@ def test_bsp_equals_one_process_with_the_global_batch(mpi_impl, tmp_path, shakes
                                                       reference, servers, workers):
     run = tmp_path / "run"
     result = run_mpi(servers + workers,
-                     train_args(shakespeare_corpus, run, BATCH, ["ps.mode=bsp",
-                                                                 f"ps.servers={servers}"]),
+                     tiny_args(shakespeare_corpus, run, BATCH, ["ps.mode=bsp",
+                                                                f"ps.servers={servers}"]),
                      mpi_impl, timeout=90)
     check_ok(result)
     ours = read_metrics(run)
@@ -70,8 +71,8 @@ def test_bsp_with_sparse_embedding_rows(mpi_impl, tmp_path, shakespeare_corpus, 
     # at odd places; the result must still be exactly the one-process run
     extra = ["model.tie_embeddings=false"]
     run = tmp_path / "run"
-    check_ok(run_mpi(5, train_args(shakespeare_corpus, run, BATCH,
-                                   [*extra, "ps.mode=bsp", "ps.servers=3"]),
+    check_ok(run_mpi(5, tiny_args(shakespeare_corpus, run, BATCH,
+                                  [*extra, "ps.mode=bsp", "ps.servers=3"]),
                      mpi_impl, timeout=90))
     ours = read_metrics(run)
     assert mismatches(ours, reference(2 * BATCH, extra)) == []
@@ -81,7 +82,7 @@ def test_bsp_with_sparse_embedding_rows(mpi_impl, tmp_path, shakespeare_corpus, 
 @pytest.mark.timeout(120)
 def test_allreduce_equals_one_process(mpi_impl, tmp_path, shakespeare_corpus, reference):
     run = tmp_path / "run"
-    check_ok(run_mpi(3, train_args(shakespeare_corpus, run, BATCH, ["ps.mode=allreduce"]),
+    check_ok(run_mpi(3, tiny_args(shakespeare_corpus, run, BATCH, ["ps.mode=allreduce"]),
                      mpi_impl, timeout=90))
     assert mismatches(read_metrics(run), reference(3 * BATCH)) == []
 
@@ -116,10 +117,10 @@ def test_bsp_final_params_equal_one_process(mpi_impl, tmp_path, shakespeare_corp
     checkpoint_module()
     single, bsp = tmp_path / "single", tmp_path / "bsp"
     check_ok(run_command([sys.executable, "-m", "hpcps",
-                          *train_args(shakespeare_corpus, single, 2 * BATCH), "ps.mode=single"],
+                          *tiny_args(shakespeare_corpus, single, 2 * BATCH), "ps.mode=single"],
                          60, mpi_env(mpi_impl)))
-    check_ok(run_mpi(4, train_args(shakespeare_corpus, bsp, BATCH, ["ps.mode=bsp",
-                                                                    "ps.servers=2"]),
+    check_ok(run_mpi(4, tiny_args(shakespeare_corpus, bsp, BATCH, ["ps.mode=bsp",
+                                                                   "ps.servers=2"]),
                      mpi_impl, timeout=90))
     a, b = final_params(single), final_params(bsp)
     assert a.shape == b.shape

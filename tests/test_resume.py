@@ -7,8 +7,8 @@
 - a flipped byte in a committed shard: detected, the previous checkpoint is used;
 - elastic restart: a checkpoint of S=1, W=3 continues on S=2, W=2.
 
-The helpers here (``Job``, ``train_args``, ...) are shared with test_failures.py and
-test_slurm.py.
+The tiny run (``tiny_gpt_args``), ``Job`` and the run comparisons come from mpi_util,
+shared with test_failures.py and test_slurm.py.
 """
 
 from __future__ import annotations
@@ -16,167 +16,15 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import pytest
 
-from mpi_util import REPO_ROOT, mpi_env, mpirun_prefix, read_metrics, require_implementation
+from mpi_util import (TINY_GPT_STEPS, Job, assert_same_run, checkpoint_steps, final_params,
+                      read_metrics, require_implementation, run_ok, tiny_gpt_args)
 
 pytestmark = pytest.mark.mpi
-
-# a model that takes a few ms per step; the schedule does not depend on max_steps, so a
-# run of N steps is a prefix of a run of M > N steps
-TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-        "train.batch_size=4", "train.warmup_steps=2", "train.lr_decay_steps=100",
-        "train.eval_every=0", "train.eval_steps=2", "train.log_every=1000",
-        "train.peak_flops=1e9", "checkpoint.every=3"]
-STEPS = 40
-
-
-def train_args(corpus, run_dir, *extra) -> list[str]:
-    return ["train", "configs/shakespeare_char.toml", f"data.path={corpus}", *TINY,
-            f"train.max_steps={STEPS}", f"out_dir={run_dir}", *map(str, extra)]
-
-
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-RANK_KEYS = (b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=")
-
-
-class Job:
-    """A training job in its own process group, output to files, always waited on with a
-    timeout (the group is killed on expiry)."""
-
-    def __init__(self, args: Sequence[str], out_dir: Path, *, n: int = 0, impl: str = "mpich",
-                 env: Optional[dict] = None, name: str = "job"):
-        self.n = n
-        self.out_dir = Path(out_dir)
-        log_dir = self.out_dir.parent
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.stdout_path = log_dir / f"{name}.stdout"
-        self.stderr_path = log_dir / f"{name}.stderr"
-        program = [sys.executable, "-m", "mpi4py", "-m", "hpcps", *map(str, args)]
-        cmd = mpirun_prefix(impl) + ["-n", str(n)] + program if n else program
-        self.cmd = cmd
-        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=str(REPO_ROOT),
-                                         env=mpi_env(impl, env), start_new_session=True)
-
-    def kill_group(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill_group()
-            for pid in self.rank_pids().values():  # ranks in sessions of their own
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.proc.wait()
-            pytest.fail(f"timed out after {timeout:g} s: {' '.join(self.cmd)}\n{self.output()}",
-                        pytrace=False)
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def output(self) -> str:
-        return (f"exit {self.proc.returncode}\n--- stdout ---\n{self.stdout[-4000:]}\n"
-                f"--- stderr ---\n{self.stderr[-4000:]}")
-
-    def rank_pids(self) -> dict[int, int]:
-        """world rank -> pid, from the launcher's descendants' environments."""
-        if not self.n:
-            return {0: self.proc.pid}
-        children, found, todo = _children(), {}, [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            todo += children.get(pid, [])
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as fh:
-                    env = fh.read().split(b"\0")
-            except OSError:
-                continue
-            for item in env:
-                for key in RANK_KEYS:
-                    if item.startswith(key):
-                        found[int(item[len(key):])] = pid
-        return found
-
-    def steps_written(self) -> int:
-        try:
-            with open(self.out_dir / "metrics.jsonl", "rb") as fh:
-                return sum(1 for line in fh if line.endswith(b"\n"))
-        except OSError:
-            return 0
-
-    def wait_for_step(self, step: int, timeout: float = 60) -> None:
-        """Until metrics.jsonl holds ``step`` records (and every rank is up)."""
-        deadline = time.monotonic() + timeout
-        while self.steps_written() < step or len(self.rank_pids()) < max(self.n, 1):
-            if self.proc.poll() is not None:
-                pytest.fail(f"the job ended before step {step}\n{self.output()}")
-            if time.monotonic() > deadline:
-                self.wait(0.01)
-            time.sleep(0.005)
-
-    def signal_rank(self, rank: int, sig: int) -> None:
-        os.kill(self.rank_pids()[rank], sig)
-
-
-def run_ok(args, out_dir, *, n=0, timeout=90, **kw) -> Job:
-    job = Job(args, out_dir, n=n, **kw)
-    assert job.wait(timeout) == 0, job.output()
-    return job
-
-
-def final_params(run_dir) -> np.ndarray:
-    from hpcps.checkpoint import open_checkpoint
-    return open_checkpoint(str(run_dir)).params()
-
-
-def assert_same_run(run_dir, ref_dir, rel: float = 0.0) -> None:
-    """One record per step, and the same loss and grad norm (exactly when rel = 0)."""
-    ours, ref = read_metrics(run_dir), read_metrics(ref_dir)
-    assert [r["step"] for r in ours] == [r["step"] for r in ref]
-    for a, b in zip(ours, ref):
-        for key in ("loss", "grad_norm"):
-            if rel == 0.0:
-                assert a[key] == b[key], f"step {a['step']} {key}: {a[key]!r} != {b[key]!r}"
-            else:
-                assert a[key] == pytest.approx(b[key], rel=rel), f"step {a['step']} {key}"
-
-
-def checkpoint_steps(run_dir) -> list[int]:
-    names = os.listdir(Path(run_dir) / "checkpoints")
-    return sorted(int(n[5:]) for n in names if n.startswith("step_") and n[5:].isdigit())
 
 
 # -- kill -9 a random rank at a random step ----------------------------------------------------
@@ -187,7 +35,7 @@ BSP = ["ps.mode=bsp", "ps.servers=1"]
 def bsp_reference(shakespeare_corpus, tmp_path_factory):
     require_implementation("mpich")
     run = tmp_path_factory.mktemp("bsp_ref") / "run"
-    run_ok(["-q", *train_args(shakespeare_corpus, run, *BSP)], run, n=3)
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, run, *BSP)], run, n=3)
     return run
 
 
@@ -198,15 +46,15 @@ def test_kill_a_random_rank_then_resume_bit_identical(shakespeare_corpus, bsp_re
     rng = random.Random(seed)
     victim, at_step = rng.choice([0, 1, 2]), rng.randint(7, 25)  # rank 2 is the server
     run = tmp_path / "run"
-    job = Job(["-q", *train_args(shakespeare_corpus, run, *BSP)], run, n=3, name="killed")
+    job = Job(["-q", *tiny_gpt_args(shakespeare_corpus, run, *BSP)], run, n=3, name="killed")
     job.wait_for_step(at_step)
     job.signal_rank(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     code = job.wait(60)
     assert code != 0 and time.monotonic() - killed_at < 30, job.output()
     written = job.steps_written()
-    assert written < STEPS, "the job finished before the kill: nothing was tested"
-    resumed = run_ok(train_args(shakespeare_corpus, run, *BSP), run, n=3, name="resumed")
+    assert written < TINY_GPT_STEPS, "the job finished before the kill: nothing was tested"
+    resumed = run_ok(tiny_gpt_args(shakespeare_corpus, run, *BSP), run, n=3, name="resumed")
     assert "resuming from" in resumed.stdout, resumed.output()
     assert_same_run(run, bsp_reference)
     np.testing.assert_array_equal(final_params(run), final_params(bsp_reference))
@@ -218,13 +66,13 @@ def test_crash_during_a_checkpoint_write_is_never_loaded(shakespeare_corpus, bsp
                                                          tmp_path):
     run = tmp_path / "run"
     crash = {"HPCPS_CHECKPOINT_FAULT": "kill:step=9:rank=2"}  # the server, half-way in its shard
-    job = Job(["-q", *train_args(shakespeare_corpus, run, *BSP)], run, n=3, env=crash,
+    job = Job(["-q", *tiny_gpt_args(shakespeare_corpus, run, *BSP)], run, n=3, env=crash,
               name="crashed")
     assert job.wait(60) != 0, job.output()
     names = sorted(os.listdir(run / "checkpoints"))
     assert "step_00000009.tmp" in names and "step_00000009" not in names, names
     assert "step_00000006" in names
-    resumed = run_ok(train_args(shakespeare_corpus, run, *BSP), run, n=3, name="resumed")
+    resumed = run_ok(tiny_gpt_args(shakespeare_corpus, run, *BSP), run, n=3, name="resumed")
     assert "resuming from" in resumed.stdout and "step_00000006" in resumed.stdout, resumed.output()
     assert not [n for n in os.listdir(run / "checkpoints") if n.endswith(".tmp")]
     assert_same_run(run, bsp_reference)
@@ -235,7 +83,7 @@ def test_crash_during_a_checkpoint_write_is_never_loaded(shakespeare_corpus, bsp
 @pytest.fixture(scope="module")
 def single_reference(shakespeare_corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("single_ref") / "run"
-    run_ok(["-q", *train_args(shakespeare_corpus, run)], run)
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, run)], run)
     return run
 
 
@@ -243,13 +91,13 @@ def single_reference(shakespeare_corpus, tmp_path_factory):
 def test_flipped_byte_falls_back_to_the_previous_checkpoint(shakespeare_corpus, single_reference,
                                                             tmp_path):
     run = tmp_path / "run"
-    run_ok(["-q", *train_args(shakespeare_corpus, run, "train.max_steps=20")], run, name="first")
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, run, "train.max_steps=20")], run, name="first")
     assert checkpoint_steps(run) == [15, 18, 20]
     shard = run / "checkpoints" / "step_00000020" / "server_0000.h5"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    job = run_ok(train_args(shakespeare_corpus, run), run, name="resumed")
+    job = run_ok(tiny_gpt_args(shakespeare_corpus, run), run, name="resumed")
     assert "step_00000020/server_0000.h5" in job.stderr and "skipping" in job.stderr, job.output()
     assert "resuming from" in job.stdout and "step_00000018" in job.stdout, job.output()
     assert_same_run(run, single_reference)
@@ -260,7 +108,7 @@ def test_flipped_byte_falls_back_to_the_previous_checkpoint(shakespeare_corpus, 
 def test_resumed_run_differs_from_a_fresh_start(shakespeare_corpus, single_reference, tmp_path):
     """Negative control: the comparisons above notice a run that did not resume."""
     run = tmp_path / "run"
-    run_ok(["-q", *train_args(shakespeare_corpus, run, "train.max_steps=20", "train.seed=7")],
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, run, "train.max_steps=20", "train.seed=7")],
            run)
     with pytest.raises(AssertionError):
         assert_same_run(run, single_reference)
@@ -273,10 +121,10 @@ def test_elastic_restart_continues_from_the_same_parameters(shakespeare_corpus, 
     w3 = ["ps.mode=bsp", "ps.servers=1", "train.batch_size=2"]   # global batch 6
     w2 = ["ps.mode=bsp", "ps.servers=2", "train.batch_size=3"]   # global batch 6
     ref, run = tmp_path / "ref" / "run", tmp_path / "elastic" / "run"
-    run_ok(["-q", *train_args(shakespeare_corpus, ref, *w3, "train.max_steps=16")], ref, n=4)
-    run_ok(["-q", *train_args(shakespeare_corpus, run, *w3, "train.max_steps=10")], run, n=4)
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, ref, *w3, "train.max_steps=16")], ref, n=4)
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, run, *w3, "train.max_steps=10")], run, n=4)
     before, first_records = final_params(run), read_metrics(run)
-    job = run_ok(train_args(shakespeare_corpus, run, *w2, "train.max_steps=16"), run, n=4)
+    job = run_ok(tiny_gpt_args(shakespeare_corpus, run, *w2, "train.max_steps=16"), run, n=4)
     assert "resuming from" in job.stdout and "step_00000010" in job.stdout, job.output()
     ours, theirs = read_metrics(run), read_metrics(ref)
     assert [r["step"] for r in ours] == list(range(1, 17))
@@ -296,7 +144,7 @@ def test_elastic_restart_continues_from_the_same_parameters(shakespeare_corpus, 
     assert not np.array_equal(before, final_params(run))
     # negative control: a different global batch (W=2, b=2) is visibly another run
     other = tmp_path / "other" / "run"
-    run_ok(["-q", *train_args(shakespeare_corpus, other, *w3, "train.max_steps=10")], other, n=4)
-    run_ok(["-q", *train_args(shakespeare_corpus, other, "ps.mode=bsp", "ps.servers=2",
-                              "train.batch_size=2", "train.max_steps=11")], other, n=4)
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, other, *w3, "train.max_steps=10")], other, n=4)
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, other, "ps.mode=bsp", "ps.servers=2",
+                                  "train.batch_size=2", "train.max_steps=11")], other, n=4)
     assert read_metrics(other)[10]["loss"] != pytest.approx(theirs[10]["loss"], rel=1e-4)

@@ -15,21 +15,18 @@ from hpcps.errors import UserError
 from hpcps.model import rnn
 
 try:
-    from gradcheck import check_layer_grad, projection
+    from gradcheck import assert_fails, check_layer_grad, projection
     from mpi_util import check_ok, mpi_env, read_metrics, run_command
+    from synthetic_corpora import make_classification_corpus
 except ImportError:  # tests imported as a package
-    from tests.gradcheck import check_layer_grad, projection
+    from tests.gradcheck import assert_fails, check_layer_grad, projection
     from tests.mpi_util import check_ok, mpi_env, read_metrics, run_command
+    from tests.synthetic_corpora import make_classification_corpus
 
 pytestmark = pytest.mark.timeout(120)
 
 T, B, E, H = 6, 3, 4, 5
 LENGTHS = np.array([6, 3, 1])                           # full, padded, a single token
-
-
-def assert_fails(report) -> None:
-    assert not report.ok, report
-    assert max(report.errors.values()) > 1e3 * report.rtol, report
 
 
 def _mask(lengths=LENGTHS, steps=T):
@@ -208,37 +205,6 @@ def test_model_rejects_bad_shapes_and_settings():
 
 
 # -- the workload ---------------------------------------------------------------------------
-
-def make_classification_corpus(path, n_train=1200, n_val=300, seed=0):
-    """Four synthetic 'languages': strings from four different bigram chains over 12
-    letters, so only the order of characters (not single letters alone) tells them apart."""
-    from hpcps.data.seqcorpus import SplitItems, write_sequence_corpus
-    from hpcps.data.tokenizer import ByteTokenizer
-    rng = np.random.default_rng(seed)
-    letters = "abcdefghijkl"
-    chains = [rng.dirichlet(np.full(12, 0.15), size=12) for _ in range(4)]
-
-    def sample(n):
-        texts, labels = [], []
-        for _ in range(n):
-            label = int(rng.integers(4))
-            state, out = int(rng.integers(12)), []
-            for _ in range(int(rng.integers(4, 25))):
-                state = int(rng.choice(12, p=chains[label][state]))
-                out.append(letters[state])
-            texts.append("".join(out))
-            labels.append(label)
-        return texts, np.array(labels, np.int32)
-    tok = ByteTokenizer()
-    splits = {}
-    for name, n in (("train", n_train), ("val", n_val)):
-        texts, labels = sample(n)
-        splits[name] = SplitItems(tokens={"text": [tok.encode(t) for t in texts]},
-                                  texts={"text": texts}, labels=labels)
-    write_sequence_corpus(str(path), "classification", splits, {"text": tok},
-                          {"label_names": '["w", "x", "y", "z"]'})
-    return path
-
 
 @pytest.fixture(scope="module")
 def langid_corpus(tmp_path_factory):

@@ -7,7 +7,6 @@ contract, and a short training run that beats the copy-source BLEU baseline."""
 from __future__ import annotations
 
 import itertools
-import types
 
 import numpy as np
 import pytest
@@ -22,42 +21,14 @@ from hpcps.model.workspace import Workspace
 from hpcps.workloads.seq2seq import SideVocab, bleu_from_sums, bleu_sums, pad_batch
 
 try:
-    from gradcheck import check_layer_grad, break_gelu_derivative, projection
+    from gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative, projection
+    from synthetic_corpora import HANZI, LETTERS, write_mapping_corpus
 except ImportError:  # tests imported as a package
-    from tests.gradcheck import check_layer_grad, break_gelu_derivative, projection
+    from tests.gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative, projection
+    from tests.synthetic_corpora import HANZI, LETTERS, write_mapping_corpus
 
 pytestmark = pytest.mark.timeout(120)
 rng = np.random.default_rng
-
-LETTERS = "abcdefghij"
-HANZI = "".join(sorted("一二三四五六七八九十"))   # char vocabularies are sorted
-
-
-def mapping_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-    """A toy 'translation': each letter becomes a character, in reverse order."""
-    r = rng(seed)
-    table = dict(zip(LETTERS, HANZI))
-    out = []
-    for _ in range(n):
-        src = "".join(r.choice(list(LETTERS), int(r.integers(3, 8))))
-        out.append((src, "".join(table[ch] for ch in reversed(src))))
-    return out
-
-
-def write_mapping_corpus(path, n_train: int = 2000, n_val: int = 64, seed: int = 0):
-    """A real parallel corpus file (the format `hpcps prepare --parallel` writes)."""
-    from hpcps.data.seqcorpus import SplitItems, write_sequence_corpus
-    from hpcps.data.tokenizer import CharTokenizer
-    toks = {"src": CharTokenizer(LETTERS), "tgt": CharTokenizer(HANZI)}
-    splits = {}
-    for name, pairs in (("train", mapping_pairs(n_train, seed)),
-                        ("val", mapping_pairs(n_val, seed + 1))):
-        texts = {"src": [p[0] for p in pairs], "tgt": [p[1] for p in pairs]}
-        splits[name] = SplitItems(tokens={f: [toks[f].encode(t) for t in texts[f]] for f in texts},
-                                  texts=texts)
-    write_sequence_corpus(str(path), "parallel", splits, toks, {"src_lang": "en",
-                                                                 "tgt_lang": "zh_CN"})
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -318,18 +289,10 @@ def test_beam_beats_or_ties_greedy():
     assert min(gaps) >= -1e-5 and max(gaps) > 0.01    # never worse, and better somewhere
 
 
-class _NotNumpy(types.ModuleType):
-    """A stand-in array module that is not ``numpy`` itself: runs the GPU-side code paths
-    (no host-side input checks, always-shifted softmax, add.at scatter) on CPU arrays."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-
 def test_gpu_code_path_matches_cpu_path():
     batch = _batch()
     results = []
-    for backend in (CPU, Backend("stand-in", _NotNumpy("stand_in"))):
+    for backend in (CPU, Backend("stand-in", NotNumpy("stand_in"))):
         model = Seq2Seq(**TINY, bias=True, tie_embeddings=False, dropout=0.2, backend=backend)
         params = model.init_params(4)
         grads = np.empty_like(params)

@@ -16,8 +16,7 @@ import time
 
 import pytest
 
-from mpi_util import REPO_ROOT, mpi_env, read_metrics, require_implementation
-from test_resume import run_ok, train_args
+from mpi_util import REPO_ROOT, mpi_env, read_metrics, require_implementation, run_ok, tiny_gpt_args
 
 pytestmark = pytest.mark.mpi
 
@@ -64,7 +63,7 @@ def test_sbatch_preempted_requeued_resumed(shakespeare_corpus, tmp_path):
     require_implementation("mpich")
     extra = ["ps.mode=bsp", "ps.servers=1", f"train.max_steps={STEPS}", "ps.straggler=0:3"]
     ref = tmp_path / "ref" / "run"
-    run_ok(["-q", *train_args(shakespeare_corpus, ref, *extra)], ref, n=3)
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, ref, *extra)], ref, n=3)
 
     run, log = tmp_path / "job" / "run", tmp_path / "job" / "slurm.out"
     log.parent.mkdir(parents=True)
@@ -72,7 +71,7 @@ def test_sbatch_preempted_requeued_resumed(shakespeare_corpus, tmp_path):
     submit = subprocess.run(
         ["sbatch", "--parsable", "--ntasks=3", "--ntasks-per-node=3", "--time=10",
          f"--output={log}", f"--chdir={REPO_ROOT}", "slurm/train.sbatch",
-         *train_args(shakespeare_corpus, run, *extra)[1:]],
+         *tiny_gpt_args(shakespeare_corpus, run, *extra)[1:]],
         capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=60)
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]

@@ -13,12 +13,9 @@ import sys
 
 import pytest
 
-from mpi_util import mismatches, check_ok, mpi_env, read_metrics, require_implementation, run_command, run_mpi
-
-try:
-    from test_rnn import make_classification_corpus
-except ImportError:  # tests imported as a package
-    from tests.test_rnn import make_classification_corpus
+from mpi_util import (mismatches, check_ok, mpi_env, read_metrics, require_implementation,
+                      run_command, run_mpi, train_args)
+from synthetic_corpora import make_classification_corpus
 
 pytestmark = pytest.mark.mpi
 
@@ -49,11 +46,12 @@ def corpora(shakespeare_path, tmp_path_factory):
             "rnn": make_classification_corpus(root / "classes.h5", n_train=400, n_val=64)}
 
 
-def train_args(workload, corpora, run_dir, batch=BATCH, extra=()) -> list[str]:
+def workload_args(workload, corpora, run_dir, batch=BATCH, extra=()) -> list[str]:
+    """Quiet ``train_args`` of ``workload``'s small model on its corpus."""
     config, *overrides = OVERRIDES[workload]
-    return ["-q", "train", config, f"data.path={corpora[workload]}", f"out_dir={run_dir}",
-            *COMMON, *overrides, f"train.grad_clip={CLIP[workload]}", f"train.batch_size={batch}",
-            *extra]
+    return ["-q", *train_args(config, corpora[workload], run_dir, *COMMON, *overrides,
+                              f"train.grad_clip={CLIP[workload]}", f"train.batch_size={batch}",
+                              *extra)]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +63,7 @@ def reference(corpora, tmp_path_factory):
         if (workload, batch) not in cache:
             run = tmp_path_factory.mktemp(f"single_{workload}")
             cmd = [sys.executable, "-m", "hpcps",
-                   *train_args(workload, corpora, run, batch), "ps.mode=single"]
+                   *workload_args(workload, corpora, run, batch), "ps.mode=single"]
             check_ok(run_command(cmd, 60, mpi_env("mpich")))
             cache[workload, batch] = read_metrics(run)
         return cache[workload, batch]
@@ -76,7 +74,8 @@ def reference(corpora, tmp_path_factory):
 @pytest.mark.parametrize("workload", ["skipgram", "rnn"])
 def test_bsp_at_three_ranks_equals_one_process(workload, mpi_impl, corpora, reference, tmp_path):
     run = tmp_path / "run"
-    check_ok(run_mpi(3, train_args(workload, corpora, run, extra=["ps.mode=bsp", "ps.servers=1"]),
+    check_ok(run_mpi(3, workload_args(workload, corpora, run,
+                                      extra=["ps.mode=bsp", "ps.servers=1"]),
                      mpi_impl, timeout=90))
     ours = read_metrics(run)
     ref = reference(workload)
@@ -93,8 +92,8 @@ def test_the_comparison_catches_a_different_global_batch(workload, reference):
 
 def _smoke(workload, mode, corpora, run, extra=()):
     require_implementation("mpich")
-    check_ok(run_mpi(3, train_args(workload, corpora, run,
-                                   extra=[f"ps.mode={mode}", "ps.servers=1", *extra]),
+    check_ok(run_mpi(3, workload_args(workload, corpora, run,
+                                      extra=[f"ps.mode={mode}", "ps.servers=1", *extra]),
                      "mpich", timeout=90))
     records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))

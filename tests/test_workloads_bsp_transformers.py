@@ -15,8 +15,9 @@ import sys
 
 import pytest
 
-from mpi_util import (mismatches, check_ok, mpi_env, read_metrics, require_implementation, run_command,
-                      run_mpi)
+from mpi_util import (mismatches, check_ok, mpi_env, read_metrics, require_implementation,
+                      run_command, run_mpi, train_args)
+from synthetic_corpora import write_mapping_corpus
 
 pytestmark = pytest.mark.mpi
 
@@ -37,15 +38,15 @@ WORKLOADS = {
 @pytest.fixture(scope="module")
 def corpora(shakespeare_corpus, tmp_path_factory):
     pytest.importorskip("hpcps.data.seqcorpus")
-    from test_seq2seq import write_mapping_corpus
     parallel = write_mapping_corpus(tmp_path_factory.mktemp("par") / "map.h5", 200, 16)
     return {"bert": shakespeare_corpus, "seq2seq": parallel}
 
 
-def train_args(workload: str, corpus, run_dir, batch: int, extra=()) -> list[str]:
+def workload_args(workload: str, corpus, run_dir, batch: int, extra=()) -> list[str]:
+    """Quiet ``train_args`` of ``workload``'s small model (dropout on) on ``corpus``."""
     config, overrides, _ = WORKLOADS[workload]
-    return ["-q", "train", config, f"data.path={corpus}", *COMMON, *overrides,
-            f"train.batch_size={batch}", f"out_dir={run_dir}", *extra]
+    return ["-q", *train_args(config, corpus, run_dir, *COMMON, *overrides,
+                              f"train.batch_size={batch}", *extra)]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def single_runs(corpora, tmp_path_factory):
         if workload not in cache:
             run = tmp_path_factory.mktemp(f"single_{workload}")
             cmd = [sys.executable, "-m", "hpcps",
-                   *train_args(workload, corpora[workload], run, 2 * BATCH), "ps.mode=single"]
+                   *workload_args(workload, corpora[workload], run, 2 * BATCH), "ps.mode=single"]
             check_ok(run_command(cmd, 90, mpi_env("mpich")))
             cache[workload] = read_metrics(run)
         return cache[workload]
@@ -69,8 +70,8 @@ def single_runs(corpora, tmp_path_factory):
 def test_bsp_equals_one_process_with_the_global_batch(mpi_impl, tmp_path, corpora, single_runs,
                                                       workload):
     run = tmp_path / "run"
-    check_ok(run_mpi(3, train_args(workload, corpora[workload], run, BATCH,
-                                   ["ps.mode=bsp", "ps.servers=1"]), mpi_impl, timeout=120))
+    check_ok(run_mpi(3, workload_args(workload, corpora[workload], run, BATCH,
+                                      ["ps.mode=bsp", "ps.servers=1"]), mpi_impl, timeout=120))
     ours, ref = read_metrics(run), single_runs(workload)
     assert mismatches(ours, ref) == []
     metric = WORKLOADS[workload][2]
@@ -86,8 +87,9 @@ def test_bsp_equals_one_process_with_the_global_batch(mpi_impl, tmp_path, corpor
 def test_async_modes_run(tmp_path, corpora, workload, mode):
     require_implementation("mpich")
     run = tmp_path / "run"
-    check_ok(run_mpi(3, train_args(workload, corpora[workload], run, BATCH,
-                                   [f"ps.mode={mode}", "ps.servers=1"]), "mpich", timeout=120))
+    check_ok(run_mpi(3, workload_args(workload, corpora[workload], run, BATCH,
+                                      [f"ps.mode={mode}", "ps.servers=1"]),
+                     "mpich", timeout=120))
     records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert all(math.isfinite(r["loss"]) for r in records)
