@@ -255,13 +255,16 @@ def test_disk_full_keeps_the_previous_checkpoint(first_run, background):
 
 
 @pytest.mark.timeout(120)
-def test_disk_full_on_a_server_ends_the_job_with_exit_2(first_run):
+@pytest.mark.parametrize("background", ["true", "false"])
+def test_disk_full_on_a_server_ends_the_job_with_exit_2(first_run, background):
     require_implementation("mpich")
     corpus, run, before = first_run
     full = {"HPCPS_CHECKPOINT_FAULT": "enospc:step=9:rank=2"}
-    job = Job(tiny_gpt_args(corpus, run, "ps.mode=bsp", "train.max_steps=20"), run, n=3, env=full,
+    job = Job(tiny_gpt_args(corpus, run, "ps.mode=bsp", "train.max_steps=20",
+                            f"checkpoint.background={background}"), run, n=3, env=full,
               name="full")
     assert job.wait(60) == 2, job.output()
-    assert "No space left on device" in job.stderr
+    errors = [x for x in job.stderr.splitlines() if x.startswith("hpcps: error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], job.output()
     steps = checkpoint_steps(run)
     assert 9 not in steps and 6 in steps

@@ -18,13 +18,12 @@ import textwrap
 
 import numpy as np
 import pytest
+from mpi_util import describe, mpi_env, mpich_mpirun, run_command
 
 from hpcps.backend import cupy_available, get_backend
-from hpcps.errors import UserError
 from hpcps.bench import gpu_parity as parity
+from hpcps.errors import UserError
 from hpcps.gpu import kernels, precision, transport
-
-from mpi_util import describe, mpi_env, mpich_mpirun, run_command
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,7 +12,13 @@ from typing import Callable
 
 import numpy as np
 
-from hpcps.gpu import is_cupy, to_host
+from hpcps.backend import CPU, Backend
+from hpcps.gpu import is_cupy, kernels, to_host
+from hpcps.gpu import kernels as K
+from hpcps.model import attention, layers
+from hpcps.model.gpt import GPT
+from hpcps.model.workspace import Workspace
+from hpcps.optim.adamw import AdamW
 
 FP64_REL = 1e-10    # float64: the same math in another order
 FP32_REL = 1e-5     # float32: the issue's target for the whole model
@@ -39,7 +45,6 @@ def _inputs(seed: int, dtype, *shapes):
 
 
 def _layernorm(xp, dtype):
-    from hpcps.model import layers
     x, w, b, r = (xp.asarray(a) for a in _inputs(1, dtype, (3, 5, 24), (24,), (24,), (3, 5, 24)))
     out, cache = layers.layernorm_forward(x * 2 + 0.5, w, b)
     dw, db = xp.zeros_like(w), xp.zeros_like(b)
@@ -48,7 +53,6 @@ def _layernorm(xp, dtype):
 
 
 def _layernorm_linear(xp, dtype):
-    from hpcps.model import layers
     x, g, beta, w, b, r = (xp.asarray(a) for a in _inputs(
         2, dtype, (2, 7, 16), (16,), (16,), (12, 16), (12,), (2, 7, 12)))
     scale = xp.asarray(np.linspace(0.5, 2.0, 12).astype(dtype))
@@ -60,7 +64,6 @@ def _layernorm_linear(xp, dtype):
 
 
 def _linear(xp, dtype):
-    from hpcps.model import layers
     x, w, b, r = (xp.asarray(a) for a in _inputs(3, dtype, (4, 6, 10), (8, 10), (8,), (4, 6, 8)))
     out, cache = layers.linear_forward(x, w, b)
     dw, db = xp.zeros_like(w), xp.zeros_like(b)
@@ -69,14 +72,12 @@ def _linear(xp, dtype):
 
 
 def _gelu(xp, dtype):
-    from hpcps.model import layers
     x, r = (xp.asarray(a) for a in _inputs(4, dtype, (5, 33), (5, 33)))
     out, cache = layers.gelu_forward(x * 3)
     return {"out": out, "dx": layers.gelu_backward(r, cache)}
 
 
 def _cross_entropy(xp, dtype):
-    from hpcps.model import layers
     (logits,) = _inputs(5, dtype, (3, 4, 37))
     targets = np.random.default_rng(5).integers(0, 37, (3, 4))
     targets[1, 2] = -1
@@ -86,7 +87,6 @@ def _cross_entropy(xp, dtype):
 
 def _attention(causal: bool, tq: int, tk: int, dropout: bool):
     def case(xp, dtype):
-        from hpcps.model import attention
         q, k, v, r = (xp.asarray(a) for a in _inputs(
             6, dtype, (2, 3, tq, 8), (2, 3, tk, 8), (2, 3, tk, 8), (2, 3, tq, 8)))
         mask = None
@@ -100,7 +100,6 @@ def _attention(causal: bool, tq: int, tk: int, dropout: bool):
 
 
 def _self_attention(xp, dtype):
-    from hpcps.model import attention
     x, wq, bq, wp, bp, g, beta, r = (xp.asarray(a) for a in _inputs(
         8, dtype, (2, 6, 16), (48, 16), (48,), (16, 16), (16,), (16,), (16,), (2, 6, 16)))
     out, cache = attention.self_attention_forward(x, wq, bq, wp, bp, 4, ln=(g, beta))
@@ -112,7 +111,6 @@ def _self_attention(xp, dtype):
 
 
 def _embedding(xp, dtype):
-    from hpcps.model import layers
     w, r = _inputs(9, dtype, (11, 6), (2, 5, 6))
     idx = xp.asarray(np.array([[0, 3, 3, 1, 10], [6, 0, 3, 3, 2]]))
     out, cache = layers.embedding_forward(xp.asarray(w), idx)
@@ -137,8 +135,6 @@ LAYER_CASES: dict[str, Callable] = {
 def model_case(xp, dtype, backend=None, *, n_layer: int = 2, n_embd: int = 32, n_head: int = 4,
                vocab: int = 67, block: int = 16, batch: int = 3) -> dict:
     """One GPT forward_backward: loss and the whole flat gradient."""
-    from hpcps.backend import CPU, Backend
-    from hpcps.model.gpt import GPT
     backend = backend or (CPU if xp is np else Backend(xp.__name__, xp, 0))
     model = GPT(vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                 block_size=block, bias=True, tie_embeddings=True, backend=backend, threads=1)
@@ -165,7 +161,6 @@ def model_parity(xp, dtype, backend=None) -> float:
 
 def adamw_parity(xp, steps: int = 3) -> float:
     """Worst relative error of params after ``steps`` AdamW updates (xp vs NumPy)."""
-    from hpcps.optim.adamw import AdamW
     n = 1000
     p0, grads = _inputs(10, np.float32, (n,), (steps, n))
     results = []
@@ -183,7 +178,6 @@ def adamw_parity(xp, steps: int = 3) -> float:
 def _softmax_backward_layer(xp, datt, att, scale: float):
     """The softmax backward as attention_backward runs it on this backend."""
     if is_cupy(xp):
-        from hpcps.gpu import kernels
         kernels.softmax_backward(datt, att, scale)
         return datt
     datt = datt - np.einsum("...ij,...ij->...i", datt, att)[..., None]
@@ -193,9 +187,6 @@ def _softmax_backward_layer(xp, datt, att, scale: float):
 def kernel_parity(xp, dtype) -> dict:
     """Fused op (or, on NumPy, the layer's own code) vs the kernels' NumPy reference
     evaluated in float64 -> worst relative error per op."""
-    from hpcps.gpu import kernels as K
-    from hpcps.model import attention, layers
-    from hpcps.model.workspace import Workspace
     ws = Workspace(xp, reuse=False)
     out = {}
     (x,) = _inputs(11, np.float64, (7, 45))

@@ -16,8 +16,13 @@ import statistics
 import time
 from typing import Callable, Optional
 
+import numpy as np
+
+from hpcps.config.load import load_config
 from hpcps.errors import UserError
 from hpcps.model.blas import avx512_kernels_available, blas_kernel, blas_threads
+from hpcps.model.gpt import GPT
+from hpcps.optim.adamw import AdamW
 
 DEFAULT_VOCAB = 65   # character-level tinyshakespeare
 # pause between A/B segments so the other library's spinning worker threads go idle
@@ -64,22 +69,17 @@ def _check_args(args) -> None:
 
 
 def _load(args):
-    from hpcps.config.load import load_config
     return load_config(args.config, args.overrides or ())
 
 
 def _batches(cfg, vocab: int, count: int = 4):
-    import numpy as np
     rng = np.random.default_rng(cfg.train.seed)
     shape = (cfg.train.batch_size, cfg.model.block_size)
     return [(rng.integers(0, vocab, shape), rng.integers(0, vocab, shape)) for _ in range(count)]
 
 
 def _ours(cfg, vocab: int, batches) -> tuple[Callable[[], None], object]:
-    import numpy as np
 
-    from hpcps.model.gpt import GPT
-    from hpcps.optim.adamw import AdamW
     m, t = cfg.model, cfg.train
     model = GPT(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
                 block_size=m.block_size, bias=m.bias, dropout=m.dropout,
@@ -103,9 +103,11 @@ def _ours(cfg, vocab: int, batches) -> tuple[Callable[[], None], object]:
 
 
 def _torch(cfg, vocab: int, batches, ours_model) -> Callable[[], None]:
+    # PyTorch is optional (the `torch` extra): imported only when this comparison runs
     import torch
 
-    from hpcps.bench.torch_gpt import TorchGPT
+    from hpcps.bench.torch_gpt import TorchGPT  # imports torch: see above
+
     m, t = cfg.model, cfg.train
     model = TorchGPT(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
                      block_size=m.block_size, bias=m.bias, dropout=m.dropout,

@@ -32,6 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hpcps.config import load_config
+from hpcps.config.paths import resolve_config_path
 from hpcps.errors import UserError
 
 EXPERIMENTS = ("overhead", "scaling", "straggler", "checkpoint")
@@ -78,8 +80,6 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def check_args(args) -> dict:
-    from hpcps.cli._configs import resolve_config_path
-    from hpcps.config import load_config
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
     for e in experiments:
         if e not in EXPERIMENTS:

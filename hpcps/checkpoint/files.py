@@ -14,6 +14,7 @@ import shutil
 import signal
 from typing import Optional
 
+import h5py
 import numpy as np
 
 FORMAT_NAME = "hpcps-checkpoint"
@@ -137,7 +138,6 @@ def inject(kind: Optional[str], path: str) -> None:
 def write_shard(path: str, *, lo: int, hi: int, arrays: dict, t: int, version: int, step: int,
                 optimizer: str, fault: Optional[str] = None) -> None:
     """params[lo:hi) and optimizer state as fp32 datasets; counters as attributes."""
-    import h5py
     with h5py.File(path, "w") as f:
         f.attrs["format"] = FORMAT_NAME
         f.attrs["kind"] = "server_shard"
@@ -156,21 +156,18 @@ def write_shard(path: str, *, lo: int, hi: int, arrays: dict, t: int, version: i
 
 
 def read_shard_meta(path: str) -> dict:
-    import h5py
     with h5py.File(path, "r") as f:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
 
 def read_shard_slice(path: str, names, a: int, b: int) -> dict:
     """Elements [a, b) (relative to the file's lo) of each dataset in ``names``."""
-    import h5py
     with h5py.File(path, "r") as f:
         return {name: f[name][a:b] for name in names}
 
 
 def write_worker(path: str, *, index: int, n_workers: int, step: int, pending_record: str,
                  residual=None) -> None:
-    import h5py
     with h5py.File(path, "w") as f:
         f.attrs["format"] = FORMAT_NAME
         f.attrs["kind"] = "worker"
@@ -181,7 +178,6 @@ def write_worker(path: str, *, index: int, n_workers: int, step: int, pending_re
 
 
 def read_worker(path: str) -> dict:
-    import h5py
     with h5py.File(path, "r") as f:
         text = f.attrs.get("pending_record", "")
         out = {"step": int(f.attrs["step"]),

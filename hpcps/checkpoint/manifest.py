@@ -10,8 +10,13 @@ import json
 import os
 from typing import Optional
 
-from hpcps.checkpoint.files import (COMMITTED_RE, FORMAT_NAME, FORMAT_VERSION, MANIFEST,
-                                    sha256_of)
+from hpcps.checkpoint.files import (
+    COMMITTED_RE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    sha256_of,
+)
 from hpcps.errors import UserError
 
 REQUIRED_KEYS = ("format", "format_version", "step", "files", "shards", "workers", "describe",

@@ -15,8 +15,15 @@ from typing import Optional
 import numpy as np
 
 from hpcps.checkpoint.files import TOKENIZER, read_shard_slice, read_worker
-from hpcps.checkpoint.manifest import (Damaged, check_fits, committed, newest_verified,
-                                       open_verified)
+from hpcps.checkpoint.manifest import (
+    Damaged,
+    check_fits,
+    committed,
+    newest_verified,
+    open_verified,
+)
+from hpcps.config import load_config
+from hpcps.config.load import Config, validate
 from hpcps.errors import UserError
 
 
@@ -116,7 +123,6 @@ class CheckpointReader(ResumePoint):
 
     @property
     def config(self):
-        from hpcps.config.load import Config, validate
         try:
             return Config(validate(dict(self.manifest.get("config", {}))), source=self.path)
         except UserError as err:
@@ -138,7 +144,6 @@ class CheckpointReader(ResumePoint):
 def _checkpoint_dir_of_run(run_dir: str) -> str:
     config = os.path.join(run_dir, "config.toml")
     if os.path.isfile(config):
-        from hpcps.config import load_config
         try:
             cfg = load_config(config)
             if cfg["checkpoint.dir"]:

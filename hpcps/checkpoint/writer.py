@@ -15,6 +15,7 @@ at the next ``save`` or ``close``.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -26,11 +27,12 @@ from hpcps import __version__
 from hpcps.checkpoint import files as F
 from hpcps.checkpoint.manifest import committed
 from hpcps.checkpoint.reader import ResumePoint, find_resume
+from hpcps.data.corpus import Corpus
 from hpcps.errors import UserError
+from hpcps.optim import SGD, AdamW
 
 
 def _state_names(optimizer: str) -> tuple:
-    from hpcps.optim import SGD, AdamW
     return SGD.state_names if optimizer == "sgd" else AdamW.state_names
 
 
@@ -106,7 +108,6 @@ class Checkpointer:
         if not self.cfg.data.path:
             return None
         try:
-            from hpcps.data.corpus import Corpus
             corpus = Corpus.open(self.cfg.data.path)
             try:
                 return corpus.tokenizer.to_json()
@@ -166,7 +167,9 @@ class Checkpointer:
             return
         job.thread.join()
         if job.failure is not None:
-            _raise(job.failure)
+            # rank 0's committer learns of every rank's failure and reports it: the others
+            # raise it too (they must stop) but leave the one line to rank 0
+            _raise(job.failure, agreed_rank=self.rank if self.comm is not None else None)
 
     def _prepare(self, tmp: str) -> None:
         """Rank 0: remove leftovers of interrupted saves (first time), make a fresh .tmp."""
@@ -270,7 +273,6 @@ class Checkpointer:
 
     def _wait_and_commit(self, step: int, tmp: str, reason: dict) -> Optional[SaveFailed]:
         """Rank 0's thread: wait until every rank reported, then commit (or clean up)."""
-        import json
         done = [F.rank_done_file(r) for r in range(self.world_size)]
         failed = [F.rank_failed_file(r) for r in range(self.world_size)]
         while True:

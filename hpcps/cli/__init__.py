@@ -1,9 +1,11 @@
 """``hpcps`` command line: one module per subcommand in this package.
 
 Each subcommand module defines ``NAME``, ``HELP``, ``EXAMPLE``,
-``add_arguments(parser)`` and ``run(args) -> int``, and imports anything heavy
-inside ``run`` so ``hpcps --help`` stays fast. Bad input anywhere raises
-``UserError``: one line on stderr, exit code 2, no traceback.
+``add_arguments(parser)`` and ``run(args) -> int``. ``hpcps --help`` imports every
+subcommand module, so importing one must do nothing heavy: MPI is initialised only
+by ``hpcps.runtime.mpi.mpi()``, and optional packages (CuPy, PyTorch, matplotlib,
+tokenizers) are imported inside the functions that use them. Bad input anywhere
+raises ``UserError``: one line on stderr, exit code 2, no traceback.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ def _suggest(message: str, parser: argparse.ArgumentParser) -> str:
 
 
 def command_modules() -> list:
-    import hpcps.cli as pkg
+    """The subcommand modules of this package, by name."""
     mods = []
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
         mod = importlib.import_module(f"hpcps.cli.{info.name}")

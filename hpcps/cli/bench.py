@@ -2,6 +2,8 @@
 
 import importlib
 
+from hpcps.cli import OneLineParser
+
 NAME = "bench"
 HELP = "benchmarks: model (vs PyTorch), ps (RMA bandwidth vs raw mpi4py), train (modes)"
 EXAMPLE = "hpcps bench model --repeats 5   |   mpirun -n 2 python -m mpi4py -m hpcps bench ps"
@@ -14,7 +16,6 @@ SUITES = {
 
 
 def add_arguments(parser):
-    from hpcps.cli import OneLineParser
     sub = parser.add_subparsers(dest="suite", metavar="SUITE", parser_class=OneLineParser)
     sub.required = True
     for name, (module, help_text) in SUITES.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hpcps.export import export_checkpoint
+
 NAME = "export"
 HELP = ("Export a checkpoint: hf-gpt2 (a directory transformers.GPT2LMHeadModel loads; GPT "
         "only) or npz (every named tensor plus the config as JSON; any workload).")
@@ -21,7 +23,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from hpcps.export import export_checkpoint
     result = export_checkpoint(args.checkpoint, args.format, args.output, args.overwrite)
     what = "files" if args.format == "hf-gpt2" else "arrays"
     print(f"wrote {result.path}: {len(result.files)} {what} from checkpoint step {result.step} "

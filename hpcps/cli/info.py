@@ -1,6 +1,21 @@
 """hpcps info: versions, MPI library, CUDA-awareness and the GPU transport path, GPUs, HDF5
 (and the role layout under mpirun)."""
 
+import importlib.util
+import json
+import os
+import platform
+
+import h5py
+import mpi4py
+import numpy
+
+from hpcps import __version__
+from hpcps.config import load_config
+from hpcps.gpu.transport import describe_path
+from hpcps.ps.roles import build_roles
+from hpcps.runtime.mpi import agree_on_errors, library_info, world
+
 NAME = "info"
 HELP = "print versions, the MPI library and its features, GPUs, HDF5 settings and the role layout"
 EXAMPLE = "mpirun -n 4 python -m mpi4py -m hpcps info ps.servers=2"
@@ -13,17 +28,6 @@ def add_arguments(parser):
 
 
 def gather_info(overrides=()) -> dict:
-    import os
-    import platform
-
-    import h5py
-    import mpi4py
-    import numpy
-
-    from hpcps import __version__
-    from hpcps.config import load_config
-    from hpcps.ps.roles import build_roles
-    from hpcps.runtime.mpi import library_info, world
     comm = world()
     info = {"hpcps": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
             "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "mpi4py": mpi4py.__version__}
@@ -42,7 +46,6 @@ def gather_info(overrides=()) -> dict:
 
 def _transport(cfg, cuda_aware: str) -> str:
     """How a GPU worker's buffers would reach MPI with this config (device = gpu)."""
-    from hpcps.gpu.transport import describe_path
     plain = cfg.ps.compression == "none"
     if cfg.device != "gpu":
         return f"host (device = cpu); with device = gpu: {describe_path('gpu', cuda_aware, plain)}"
@@ -51,11 +54,10 @@ def _transport(cfg, cuda_aware: str) -> str:
 
 def _gpus() -> str:
     """Visible GPUs without importing CuPy unless it is installed."""
-    import importlib.util
     if importlib.util.find_spec("cupy") is None:
         return "none (CuPy not installed)"
     try:
-        import cupy
+        import cupy  # optional (the gpu extra), and only once we know it is installed
         n = cupy.cuda.runtime.getDeviceCount()
         names = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode() for i in range(n)]
         return f"{n}: {', '.join(names)}" if n else "none visible"
@@ -64,9 +66,7 @@ def _gpus() -> str:
 
 
 def run(args):
-    import json
 
-    from hpcps.runtime.mpi import agree_on_errors, world
     comm = world()
     info = agree_on_errors(comm, lambda: gather_info(args.overrides))
     if comm.Get_rank() != 0:

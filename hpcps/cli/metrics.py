@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from hpcps.errors import UserError
+from hpcps.metrics.runlog import read_metrics, write_metrics_csv
+from hpcps.runtime.mpi import say
 
 NAME = "metrics"
 HELP = ("Export a run's metrics.jsonl as CSV: one row per step (the last record of a "
@@ -20,8 +22,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from hpcps.metrics.runlog import read_metrics, write_metrics_csv
-    from hpcps.runtime.mpi import say
 
     records = read_metrics(args.run_dir, warn=lambda message: say(f"hpcps: warning: {message}"))
     if not records:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from hpcps.errors import UserError
+from hpcps.metrics.plot import plot_runs
+from hpcps.runtime.mpi import say
 
 NAME = "plot"
 HELP = ("Plot loss vs step and wall time, throughput and push staleness of one or more "
@@ -20,8 +22,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from hpcps.metrics.plot import plot_runs
-    from hpcps.runtime.mpi import say
 
     labels = None
     if args.labels is not None:

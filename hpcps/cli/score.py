@@ -6,7 +6,9 @@ import json
 import math
 from pathlib import Path
 
+from hpcps import metrics
 from hpcps.errors import UserError
+from hpcps.metrics.text import check_rouge_types
 
 NAME = "score"
 HELP = ("Score outputs against references, one item per line: accuracy, prf1 (precision/"
@@ -79,7 +81,6 @@ def _check_options(args) -> None:
     if metric in ("accuracy", "prf1") and len(args.ref) > 1:
         raise UserError(f"--metric {metric} takes one --ref file of gold labels")
     if metric == "rouge":
-        from hpcps.metrics.text import check_rouge_types
         check_rouge_types(_rouge_types(args))
 
 
@@ -104,7 +105,6 @@ def _load_pairs(args) -> tuple[list[str], list]:
 
 def compute(args) -> dict:
     """The metric asked for by ``args`` as a JSON-ready dict."""
-    from hpcps import metrics
 
     _check_options(args)
     if args.metric == "perplexity":

@@ -1,5 +1,8 @@
 """hpcps train: run a training job (one process, or every rank of an mpirun)."""
 
+from hpcps.config.paths import resolve_config_path
+from hpcps.train.run import train_main
+
 NAME = "train"
 HELP = "train a model from a TOML config (single process or under mpirun/srun)"
 EXAMPLE = ("mpirun -n 4 python -m mpi4py -m hpcps train configs/shakespeare_char.toml "
@@ -15,8 +18,6 @@ def add_arguments(parser):
 
 
 def run(args):
-    from hpcps.cli._configs import resolve_config_path
-    from hpcps.train.run import train_main
     config, overrides = args.config, list(args.overrides)
     if "=" in config and not config.endswith(".toml"):
         config, overrides = None, [config] + overrides

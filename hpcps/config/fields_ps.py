@@ -36,7 +36,6 @@ field("ps.error_feedback", "bool", True,
 field("ps.sparse_embedding", "bool", True,
       "Push only the embedding rows a batch touched (untied or skip-gram embeddings).")
 field("ps.overlap", "bool", True, "Push each bucket as soon as backward produced it.")
-field("ps.bucket_mb", "float", 1.0, "Target push bucket size in MB.", min=0.0, min_exclusive=True)
 field("ps.heartbeat_timeout", "float", 30.0, "Seconds of silence before a rank is reported.",
       min=0.0, min_exclusive=True)
 field("ps.dead_timeout", "float", 120.0,

@@ -16,7 +16,9 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from hpcps.checkpoint import open_checkpoint
 from hpcps.errors import UserError
+from hpcps.export import hf_gpt2, npz
 
 FORMATS = ("hf-gpt2", "npz")
 
@@ -30,16 +32,13 @@ class ExportResult:
 
 
 def export_checkpoint(path: str, fmt: str, out: str, overwrite: bool = False) -> ExportResult:
-    from hpcps.checkpoint import open_checkpoint
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r} (expected one of {', '.join(FORMATS)})")
     ck = open_checkpoint(path)
     if fmt == "hf-gpt2":
-        from hpcps.export import hf_gpt2
         hf_gpt2.check_representable(ck)      # before anything is created
         files = _write_dir(out, overwrite, lambda tmp: hf_gpt2.export(ck, tmp))
         return ExportResult(out, files, ck.step, ck.path)
-    from hpcps.export import npz
     if not out.endswith(".npz"):
         out += ".npz"
     keys = _write_file(out, overwrite, lambda fh: npz.export(ck, fh))

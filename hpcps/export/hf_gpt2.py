@@ -30,6 +30,8 @@ from typing import Optional
 import numpy as np
 
 from hpcps.errors import UserError
+from hpcps.inference.gpt import build_gpt, checkpoint_workload, require_gpt
+from hpcps.model.layers import layernorm_linear_forward
 
 # our GPT's GELU is the tanh approximation (hpcps.model.layers.gelu_forward): GPT-2's "gelu_new"
 ACTIVATION = "gelu_new"
@@ -38,7 +40,6 @@ SAFETENSORS_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("
 
 def layer_norm_eps() -> float:
     """The epsilon our GPT's LayerNorms use (the default of the fused kernel it calls)."""
-    from hpcps.model.layers import layernorm_linear_forward
     return float(inspect.signature(layernorm_linear_forward).parameters["eps"].default)
 
 
@@ -85,7 +86,6 @@ def read_safetensors(path: str) -> tuple[dict, dict]:
 # -- the GPT-2 mapping -------------------------------------------------------------------------
 def check_representable(ck) -> dict:
     """The checkpoint's GPT description, or a UserError saying why GPT-2 cannot hold it."""
-    from hpcps.inference.gpt import checkpoint_workload, require_gpt
     workload = checkpoint_workload(ck)
     if workload != "gpt":  # say what to use instead
         raise UserError(f"--format hf-gpt2 cannot represent checkpoint {ck.path}: it holds a "
@@ -139,7 +139,6 @@ def gpt2_config(model, dropout: float) -> dict:
 def export(ck, out_dir: str) -> list[str]:
     """Write the Hugging Face directory into ``out_dir`` (which exists and is empty);
     returns the file names written."""
-    from hpcps.inference.gpt import build_gpt
     check_representable(ck)
     model = build_gpt(ck)
     tensors = gpt2_tensors(model, ck.params())

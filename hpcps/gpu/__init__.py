@@ -13,6 +13,9 @@ imported inside the functions that run on a GPU.
 
 from __future__ import annotations
 
+from hpcps.gpu import precision
+from hpcps.gpu.precision import measure_peak_flops
+
 
 def is_cupy(xp) -> bool:
     """True when the array module ``xp`` is CuPy itself (not NumPy or a stand-in)."""
@@ -33,13 +36,11 @@ def configure(backend, cfg) -> None:
     """Apply the ``[gpu]`` settings to this process (call once a GPU backend exists)."""
     if not getattr(backend, "is_gpu", False):
         return
-    from hpcps.gpu import precision
     precision.set_compute_dtype(cfg.gpu.compute_dtype)
 
 
 def measure_peak(backend, cpu_measure) -> float:
     """The MFU denominator: a matmul at gpu.compute_dtype on a GPU, else ``cpu_measure()``."""
     if getattr(backend, "is_gpu", False):
-        from hpcps.gpu.precision import measure_peak_flops
         return measure_peak_flops()
     return cpu_measure()

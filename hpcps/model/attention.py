@@ -15,9 +15,15 @@ from typing import Optional
 import numpy as np
 
 from hpcps.backend import array_module
-from hpcps.gpu import is_cupy
-from hpcps.model.layers import (layernorm_linear_backward, layernorm_linear_forward,
-                                linear_backward, linear_forward, matmul, ones)
+from hpcps.gpu import is_cupy, kernels
+from hpcps.model.layers import (
+    layernorm_linear_backward,
+    layernorm_linear_forward,
+    linear_backward,
+    linear_forward,
+    matmul,
+    ones,
+)
 from hpcps.model.workspace import Workspace, scratch
 
 
@@ -73,7 +79,6 @@ def _softmax_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Worksp
     kernel does mask, scale, shift, exp and normalisation (no extra mask array).
     """
     if is_cupy(ws.xp) and attn_bias is None and _fused_softmax_fits(att.shape[-1]):
-        from hpcps.gpu import kernels
         matmul(q, k.swapaxes(-1, -2), out=att)
         kernels.softmax_forward(att, scale, causal)
         return
@@ -90,7 +95,6 @@ def _softmax_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Worksp
 
 
 def _fused_softmax_fits(tk: int) -> bool:
-    from hpcps.gpu import kernels
     return kernels.softmax_supported(tk)
 
 
@@ -128,7 +132,6 @@ def attention_backward(dy, cache, dq=None, dk=None, dv=None, ws: Optional[Worksp
         datt *= dropout
     # softmax backward: ds = p * (dp - sum_j dp p), then the scale of the scores
     if is_cupy(xp) and _fused_softmax_fits(att.shape[-1]):
-        from hpcps.gpu import kernels
         kernels.softmax_backward(datt, att, scale)
     else:
         rowdot = xp.einsum("bhij,bhij->bhi", datt, att)

@@ -23,14 +23,28 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hpcps.model.checks import check_dropout_keys, check_flat_buffer
 from hpcps.backend import CPU, Backend, array_module
 from hpcps.errors import UserError
-from hpcps.model.encdec import (INIT_STD, Dropout, add_encoder_block, add_linear, add_norm,
-                                block_range, encoder_block_backward, encoder_block_forward)
-from hpcps.model.layers import (cross_entropy_backward, cross_entropy_forward,
-                                embedding_backward, gelu_backward, gelu_forward,
-                                layernorm_linear_backward, layernorm_linear_forward)
+from hpcps.model.checks import check_dropout_keys, check_flat_buffer
+from hpcps.model.encdec import (
+    INIT_STD,
+    Dropout,
+    add_encoder_block,
+    add_linear,
+    add_norm,
+    block_range,
+    encoder_block_backward,
+    encoder_block_forward,
+)
+from hpcps.model.layers import (
+    cross_entropy_backward,
+    cross_entropy_forward,
+    embedding_backward,
+    gelu_backward,
+    gelu_forward,
+    layernorm_linear_backward,
+    layernorm_linear_forward,
+)
 from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
 from hpcps.model.workspace import Workspace, scratch
 

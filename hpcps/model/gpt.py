@@ -25,15 +25,23 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from hpcps.model.checks import check_dropout_keys, check_flat_buffer
 from hpcps.backend import CPU, Backend
 from hpcps.errors import UserError
 from hpcps.model.attention import self_attention_backward, self_attention_forward
 from hpcps.model.blas import blas_threads, blas_threads_limited, can_set_blas_threads
-from hpcps.model.layers import (cross_entropy_backward, cross_entropy_forward, dropout_mask,
-                                embedding_backward, gelu_backward, gelu_forward,
-                                layernorm_linear_backward, layernorm_linear_forward,
-                                linear_backward, linear_forward)
+from hpcps.model.checks import check_dropout_keys, check_flat_buffer
+from hpcps.model.layers import (
+    cross_entropy_backward,
+    cross_entropy_forward,
+    dropout_mask,
+    embedding_backward,
+    gelu_backward,
+    gelu_forward,
+    layernorm_linear_backward,
+    layernorm_linear_forward,
+    linear_backward,
+    linear_forward,
+)
 from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
 from hpcps.model.workspace import Workspace
 
@@ -78,6 +86,10 @@ def _address(buf) -> int:
 
 
 class GPT:
+    """A GPT-2-style decoder on one flat parameter buffer: ``forward_backward`` writes the
+    whole gradient into a flat buffer of the same layout (named views, ``layout``), so the
+    runtime can push it, or any range of it, without knowing the model."""
+
     def __init__(self, *, vocab_size: int, n_layer: int, n_head: int, n_embd: int,
                  block_size: int, bias: bool = False, dropout: float = 0.0,
                  tie_embeddings: bool = True, backend: Backend = CPU,

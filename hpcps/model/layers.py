@@ -27,7 +27,8 @@ from typing import Optional
 import numpy as np
 
 from hpcps.backend import array_module
-from hpcps.gpu import is_cupy
+from hpcps.gpu import is_cupy, kernels
+from hpcps.gpu.precision import matmul as gpu_matmul
 from hpcps.model.workspace import Workspace, scratch
 
 GELU_K = math.sqrt(2.0 / math.pi)
@@ -39,7 +40,6 @@ def matmul(a, b, out=None):
     """``xp.matmul(a, b, out=out)``; on CuPy at gpu.compute_dtype (TF32 / bf16 tensor cores)."""
     xp = array_module(a)
     if is_cupy(xp):
-        from hpcps.gpu.precision import matmul as gpu_matmul
         return gpu_matmul(a, b, out)
     return xp.matmul(a, b, out=out)
 
@@ -108,7 +108,6 @@ def normalize_forward(x, eps: float, ws: Workspace, name: str):
     x2 = x.reshape(-1, c)
     dt = x.dtype
     if is_cupy(xp):   # one kernel: mean, variance and xhat per row
-        from hpcps.gpu import kernels
         xhat = ws.get(name + ".xhat", x2.shape, dt)
         rstd = ws.get(name + ".rstd", x2.shape[:1], dt)
         kernels.layernorm_forward(xp.ascontiguousarray(x2), eps, xhat, rstd)
@@ -129,7 +128,6 @@ def normalize_backward(dxhat, xhat, rstd, ws: Workspace):
     """dx from d(xhat), in place in dxhat: rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))."""
     xp = ws.xp
     if is_cupy(xp):
-        from hpcps.gpu import kernels
         kernels.layernorm_backward(dxhat, xhat, rstd, dxhat)
         return dxhat
     c = xhat.shape[1]
@@ -310,7 +308,6 @@ def gelu_forward(x, ws: Optional[Workspace] = None, name: str = "gelu"):
     ws = scratch(ws, xp)
     dt = x.dtype
     if is_cupy(xp):   # value and derivative in one elementwise kernel
-        from hpcps.gpu import kernels
         out, grad = ws.get(name + ".out", x.shape, dt), ws.get(name + ".grad", x.shape, dt)
         kernels.gelu_forward(x, out, grad)
         return out, grad
@@ -388,7 +385,6 @@ class _FusedXentCache(tuple):
 def _cross_entropy_forward_fused(xp, l2, t, ignore_index: int, ws: Workspace, name: str):
     """One kernel writes the probabilities and each row's -log p[target]; the loss stays a
     device scalar (no synchronisation here)."""
-    from hpcps.gpu import kernels
     n, v = l2.shape
     dt = l2.dtype
     probs = ws.get(name + ".probs", (n, v), dt)
@@ -402,7 +398,6 @@ def _cross_entropy_forward_fused(xp, l2, t, ignore_index: int, ws: Workspace, na
 def cross_entropy_backward(cache, dloss: float = 1.0):
     """d loss / d logits (2-D, rows x vocab), computed in the cached probabilities."""
     if isinstance(cache, _FusedXentCache):
-        from hpcps.gpu import kernels
         probs, t, ignore_index, count = cache
         scale = array_module(probs).divide(float(dloss), count).astype(probs.dtype).reshape(1)
         kernels.cross_entropy_backward(probs, t, ignore_index, scale)

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from hpcps.gpu import is_cupy
+from hpcps.gpu.kernels import adamw_update
 
 
 class AdamW:
@@ -40,7 +41,6 @@ class AdamW:
     def step(self, params, grad, lr: float, grad_scale: float = 1.0) -> None:
         """params -= AdamW(grad * grad_scale); params, grad: 1-D fp32 of length n."""
         if self._decay is not None:
-            from hpcps.gpu.kernels import adamw_update
             self.t += 1
             adamw_update(params, grad, self.m, self.v, self._decay, lr=lr, beta1=self.beta1,
                          beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay,

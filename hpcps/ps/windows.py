@@ -50,6 +50,10 @@ def slot_stride(max_payload: int) -> int:
 
 
 class PSWindows:
+    """The three windows of a PS job (collective to create and free) and the atomic
+    accessors every rank uses on them: control-word reads, writes and adds, the params
+    gate, and slot addressing. Servers hold the memory; workers hold none."""
+
     def __init__(self, comm, roles, ranges, max_payloads):
         MPI = mpi()
         self.MPI = MPI

@@ -186,7 +186,7 @@ def run_server(ctx: RunContext, shards: ShardSet) -> int:
 
 def run_worker(ctx: RunContext, shards: Optional[ShardSet]) -> int:
     """A worker of any mode: the mode's strategy, the one Trainer, the lead's run log."""
-    cfg, roles, layout, backend = ctx.cfg, ctx.roles, ctx.workload.layout, ctx.backend
+    cfg, roles, backend = ctx.cfg, ctx.roles, ctx.backend
     configure(backend, cfg)
     lr_fn = lr_schedule(cfg)
     saved = ctx.resume.load_worker(roles.worker_index, roles.n_workers) if ctx.resume else {}

@@ -22,6 +22,7 @@ import numpy as np
 
 from hpcps.data.sampler import DROPOUT_STREAM, MASK_STREAM, sequence_keys
 from hpcps.errors import UserError
+from hpcps.model.bert import BertMLM
 from hpcps.workloads.gpt import TokenStreamWorkload, open_lm_corpus
 
 VAL_MASK_STREAM = MASK_STREAM + 0x100   # val masks: fixed, apart from every training step's
@@ -74,7 +75,6 @@ class BertWorkload(TokenStreamWorkload):
     name = "bert"
 
     def __init__(self, cfg, backend, corpus):
-        from hpcps.model.bert import BertMLM
         m, bc = cfg.model, cfg.bert
         if bc.mask_token_prob + bc.random_token_prob > 1.0 + 1e-12:
             raise UserError(f"config keys 'bert.mask_token_prob' ({bc.mask_token_prob:g}) + "

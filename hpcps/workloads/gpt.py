@@ -7,8 +7,16 @@ import math
 
 import numpy as np
 
-from hpcps.data.sampler import DROPOUT_STREAM, TRAIN_STREAM, VAL_STREAM, LMBatcher, sequence_keys
+from hpcps.data.corpus import Corpus
+from hpcps.data.sampler import (
+    DROPOUT_STREAM,
+    TRAIN_STREAM,
+    VAL_STREAM,
+    LMBatcher,
+    sequence_keys,
+)
 from hpcps.errors import UserError
+from hpcps.model.gpt import GPT
 from hpcps.workloads.base import Workload
 
 
@@ -20,7 +28,6 @@ def load_split(corpus, name: str, in_memory_mb: int):
 
 
 def open_lm_corpus(cfg, kinds=("lm",)):
-    from hpcps.data.corpus import Corpus
     if not cfg.data.path:
         raise UserError("config key 'data.path' is empty: prepare a corpus with `hpcps prepare` "
                         "and set data.path")
@@ -62,7 +69,6 @@ class GPTWorkload(TokenStreamWorkload):
     name = "gpt"
 
     def __init__(self, cfg, backend, corpus):
-        from hpcps.model.gpt import GPT
         m = cfg.model
         self.cfg = cfg
         self.backend = backend

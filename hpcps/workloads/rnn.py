@@ -15,15 +15,16 @@ import hashlib
 import numpy as np
 
 from hpcps.data.sampler import TRAIN_STREAM, offsets
+from hpcps.data.seqcorpus import SequenceCorpus
 from hpcps.errors import UserError
 from hpcps.metrics import accuracy, precision_recall_f1
+from hpcps.model.rnn import RNNClassifier, nll, pad_left, predict
 from hpcps.workloads.base import Workload
 
 EVAL_CHUNK = 256               # strings per evaluation forward
 
 
 def open_classification_corpus(cfg):
-    from hpcps.data.seqcorpus import SequenceCorpus
     if not cfg.data.path:
         raise UserError("config key 'data.path' is empty: build a classification corpus with "
                         "`hpcps prepare --langid ...` and set data.path")
@@ -39,7 +40,6 @@ class RNNWorkload(Workload):
     name = "rnn"
 
     def __init__(self, cfg, backend, corpus):
-        from hpcps.model.rnn import RNNClassifier
         r = cfg.rnn
         self.cfg, self.backend, self.corpus = cfg, backend, corpus
         self.tokenizer = corpus.tokenizers["text"]
@@ -65,7 +65,6 @@ class RNNWorkload(Workload):
         return self.backend.asarray(array) if self.backend.is_gpu else array
 
     def _batch(self, split, indices):
-        from hpcps.model.rnn import pad_left
         tokens, lengths = pad_left(split.get("text", indices), self.max_len)
         return tokens, lengths, split.labels[indices]
 
@@ -79,7 +78,6 @@ class RNNWorkload(Workload):
         return loss, float(len(batch[2]))
 
     def eval_sums(self, params, lo, hi):
-        from hpcps.model.rnn import nll, predict
         split = self.corpus.split("val")
         K = len(self.label_names)
         confusion = np.zeros((K, K), dtype=np.int64)

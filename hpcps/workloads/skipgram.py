@@ -22,6 +22,7 @@ import numpy as np
 
 from hpcps.data.sampler import TRAIN_STREAM, VAL_STREAM, _splitmix64, sequence_keys
 from hpcps.errors import UserError
+from hpcps.model.skipgram import SkipGram
 from hpcps.workloads.base import Workload
 from hpcps.workloads.gpt import open_lm_corpus
 
@@ -101,7 +102,6 @@ class SkipGramWorkload(Workload):
     name = "skipgram"
 
     def __init__(self, cfg, backend, corpus):
-        from hpcps.model.skipgram import SkipGram
         self.cfg, self.backend, self.corpus = cfg, backend, corpus
         sg = cfg.skipgram
         self.window, self.negatives = sg.window, sg.negatives
