@@ -182,8 +182,8 @@ def test_grads_overwritten_and_ranges_reported_in_order():
     clean, dirty = np.zeros_like(params), np.full_like(params, np.nan)
     seen = []
     model.forward_backward(params, clean, idx, targets)
-    model.on_grad_ready = lambda lo, hi: seen.append((lo, hi, dirty[lo:hi].copy()))
-    model.forward_backward(params, dirty, idx, targets)
+    model.forward_backward(params, dirty, idx, targets,
+                           on_grad_ready=lambda lo, hi: seen.append((lo, hi, dirty[lo:hi].copy())))
     np.testing.assert_array_equal(dirty, clean)
     lay = model.layout
     assert [s[:2] for s in seen] == [(lay["lnf.w"].offset, lay.total),

@@ -94,8 +94,8 @@ def test_on_grad_ready_reports_final_ranges_in_reverse_order(threads):
     params = model.init_params(1)
     grads = np.empty_like(params)
     seen = []
-    model.on_grad_ready = lambda lo, hi: seen.append((lo, hi, grads[lo:hi].copy()))
-    model.forward_backward(params, grads, *_batch(model))
+    model.forward_backward(params, grads, *_batch(model),
+                           on_grad_ready=lambda lo, hi: seen.append((lo, hi, grads[lo:hi].copy())))
     lay = model.layout
     spans = [(lo, hi) for lo, hi, _ in seen]
     assert spans == [(lay["lnf.w"].offset, lay.total),

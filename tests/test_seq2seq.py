@@ -154,8 +154,8 @@ def test_grads_overwritten_and_ranges_cover_the_buffer(tie):
     clean, dirty = np.zeros_like(params), np.full_like(params, np.nan)
     model.forward_backward(params, clean, *batch)
     seen = []
-    model.on_grad_ready = lambda lo, hi: seen.append((lo, hi, dirty[lo:hi].copy()))
-    model.forward_backward(params, dirty, *batch)
+    model.forward_backward(params, dirty, *batch,
+                           on_grad_ready=lambda lo, hi: seen.append((lo, hi, dirty[lo:hi].copy())))
     np.testing.assert_array_equal(dirty, clean)
     spans = sorted(s[:2] for s in seen)
     assert spans[0][0] == 0 and spans[-1][1] == model.layout.total
