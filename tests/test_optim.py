@@ -183,3 +183,32 @@ def test_clip_semantics():
     assert clip_coefficient(0.25, 1.0) == (0.5, 1.0)        # below the threshold: untouched
     assert clip_coefficient(25.0, 0.0) == (5.0, 1.0)         # 0 turns clipping off
     assert clip_coefficient(0.0, 1.0) == (0.0, 1.0)
+
+
+def test_adamw_in_chunks_is_bit_identical_to_one_pass():
+    """A server updates its shard in chunks with MPI progress between them: the chunks must
+    not change a single bit (every operation is elementwise)."""
+    from hpcps.optim import adamw
+    n = 3 * adamw.CHUNK + 5
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    decay = [(7, adamw.CHUNK + 3), (2 * adamw.CHUNK - 1, n - 2)]   # ranges across chunk edges
+    chunked, one_pass = AdamW(n, decay, weight_decay=0.1), AdamW(n, decay, weight_decay=0.1)
+    pc, pr = p0.copy(), p0.copy()
+    calls = []
+    for step in range(3):
+        g = rng.standard_normal(n).astype(np.float32)
+        chunked.step(pc, g, 1e-2, grad_scale=0.5, between=lambda: calls.append(1))
+        _whole_buffer_adamw(one_pass, pr, g, 1e-2, 0.5)
+    assert np.array_equal(pc, pr) and np.array_equal(chunked.m, one_pass.m)
+    assert len(calls) == 3 * 4   # ceil(n / CHUNK) pieces per step
+    pr[n // 2] = np.nextafter(pr[n // 2], np.float32(np.inf))   # negative control: one ulp
+    assert not np.array_equal(pc, pr)
+
+
+def _whole_buffer_adamw(opt, params, grad, lr, scale):
+    """The update as one pass over the whole buffer (the reference for the chunked one)."""
+    opt.t += 1
+    for a, b in opt.decay_ranges:
+        params[a:b] *= np.float32(1.0 - lr * opt.weight_decay)
+    AdamW._update_range(opt, params, grad, opt.m, opt.v, opt._tmp, lr, scale)

@@ -30,6 +30,7 @@ from hpcps.checkpoint.reader import ResumePoint, find_resume
 from hpcps.data.corpus import Corpus
 from hpcps.errors import UserError
 from hpcps.optim import SGD, AdamW
+from hpcps.runtime.polled import PolledComm
 
 
 def _state_names(optimizer: str) -> tuple:
@@ -62,6 +63,26 @@ def _raise(failure: SaveFailed, agreed_rank: Optional[int] = None):
     if agreed_rank is not None:
         err.agreed_rank = agreed_rank
     raise err
+
+
+def _off_the_mpi_thread(write, comm, step: int) -> tuple:
+    """("ok", write()) or ("failed", SaveFailed). With a ``PolledComm`` the file work runs in
+    a thread while this (the MPI) thread keeps heartbeats and MPI progress going: a server
+    writing a large shard would otherwise hold up every atomic on its windows."""
+    outcome: list = []
+
+    def attempt() -> None:
+        try:
+            outcome.append(("ok", write()))
+        except Exception as err:  # reported to every rank by the caller, so nobody waits
+            outcome.append(("failed", _describe_failure(err, step)))
+    if not isinstance(comm, PolledComm):
+        attempt()
+        return outcome[0]
+    worker = threading.Thread(target=attempt, name=f"checkpoint-write-{step}", daemon=True)
+    worker.start()
+    comm.wait_for(lambda: not worker.is_alive())
+    return outcome[0]
 
 
 class _Job:
@@ -231,10 +252,7 @@ class Checkpointer:
 
     # -- final saves: main thread, MPI ----------------------------------------------------------
     def _save_now(self, step: int, tmp: str, work: dict, fault, reason: dict, comm) -> None:
-        try:
-            result = ("ok", self._write_own(step, tmp, work, fault))
-        except Exception as err:  # reported to every rank below, so nobody waits
-            result = ("failed", _describe_failure(err, step))
+        result = _off_the_mpi_thread(lambda: self._write_own(step, tmp, work, fault), comm, step)
         results = comm.gather(result, root=0) if comm is not None else [result]
         outcome = None
         if self.rank == 0:

@@ -3,6 +3,8 @@ torch.optim.SGD semantics for momentum (buf = mu*buf + g; p -= lr*buf)."""
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
 
 
@@ -17,7 +19,10 @@ class SGD:
         self._tmp = xp.empty(n, dtype=xp.float32)
         self.t = 0
 
-    def step(self, params, grad, lr: float, grad_scale: float = 1.0) -> None:
+    def step(self, params, grad, lr: float, grad_scale: float = 1.0,
+             between: Optional[Callable[[], None]] = None) -> None:
+        """params -= lr * momentum(grad * grad_scale); ``between()`` afterwards (SGD is one
+        cheap pass: no need to cut it up)."""
         self.t += 1
         if self.weight_decay:
             keep = np.float32(1.0 - lr * self.weight_decay)
@@ -32,6 +37,8 @@ class SGD:
         else:
             tmp *= np.float32(lr)
         params -= tmp
+        if between is not None:
+            between()
 
     def state(self) -> dict:
         return {"momentum_buffer": self.buf, "t": self.t}

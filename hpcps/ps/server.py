@@ -27,7 +27,7 @@ from hpcps.ps.windows import SLOT_HEADER, Header
 from hpcps.runtime import signals
 from hpcps.runtime.mpi import abort, mpi, say
 from hpcps.runtime.polled import PolledComm
-from hpcps.runtime.wait import Backoff, Every, PeerWatch, WaitHistory
+from hpcps.runtime.wait import Backoff, Every, PeerWatch, ProgressPacer, WaitHistory
 
 ShardSave = Callable[[dict, PolledComm, tuple], None]
 """``save(reason, comm, (lo, hi, state))``: write this shard into the collective checkpoint
@@ -79,7 +79,10 @@ class Server:
         self.wins.write(self.me, C.VERSION, version)
         self.acc = np.zeros(self.codec.n, dtype=np.float32)
         self.hist = np.zeros(HIST_BINS, dtype=np.int64)
-        self.backoff = Backoff()
+        # we own window memory: over a network module, others' atomics on it complete only
+        # while we are inside MPI, so every wait and every long local loop calls this
+        self.progress = ProgressPacer(wins.progress)
+        self.backoff = Backoff(progress=self.progress)
         self.beat = Every(0.2)
         self.watch_tick = Every(0.25)
         self.epoch_tick = Every(0.002)
@@ -258,6 +261,7 @@ class Server:
         self.acc.fill(0.0)
         for payload, share in zip(payloads, shares):
             self.codec.decode_add(payload, self.acc, share)
+            self.progress()
         return self.acc
 
     def _apply_async(self, w: int) -> None:
@@ -278,7 +282,7 @@ class Server:
         ``release_slots`` (bsp): free every slot after the step (it may have read from
         them) and before the version moves (a worker that sees t+1 finds its slot free)."""
         self.wins.begin_write(self.duties)
-        self.opt.step(self.params, grad, lr, scale)
+        self.opt.step(self.params, grad, lr, scale, between=self.progress)
         if release_slots:
             self.wins.write_block(self.me, self.L.slot_state, np.zeros(self.W, np.int64))
         self.version += 1
@@ -293,7 +297,7 @@ class Server:
         send = np.array([value], dtype=np.float64)
         recv = np.empty(1, dtype=np.float64)
         req = comm.Iallreduce(send, recv, op=MPI.SUM)
-        backoff = Backoff()
+        backoff = Backoff(progress=self.progress)
         while not req.Test():
             self.duties()  # keep heartbeating and watching while other shards catch up
             backoff.pause()

@@ -93,6 +93,12 @@ class PSWindows:
         self._word = np.zeros(1, dtype=np.int64)
         self._result = np.zeros(1, dtype=np.int64)
 
+    def progress(self) -> None:
+        """Enter MPI's progress engine. Over a network module, other ranks' atomics (and with
+        some MPIs their gets) on our windows complete only while we are inside MPI; a rank
+        that owns window memory calls this between short naps and chunks of local work."""
+        self.comm.Iprobe(self.MPI.ANY_SOURCE, self.MPI.ANY_TAG)
+
     # -- atomics on ctl ------------------------------------------------------------
     def read(self, rank: int, index: int) -> int:
         MPI = self.MPI
@@ -152,13 +158,14 @@ class PSWindows:
         self.add_block(rank, C.PARAMS_GATE, np.array([-1], dtype=np.int64))
 
     def begin_write(self, duties=None) -> None:
-        """Owner: close the gate to new readers and wait for the ones in flight (their
-        Gets complete without our help, so this is a short wait)."""
+        """Owner: close the gate to new readers and wait for the ones in flight (a short
+        wait; their leave_read atomics need our progress over a network module)."""
         me = self.roles.world_rank
         self.add(me, C.PARAMS_GATE, C.WRITER)
         pauses = 0
         while self.read(me, C.PARAMS_GATE) != C.WRITER:
             pauses += 1
+            self.progress()
             if duties is not None and pauses % 64 == 0:
                 duties()
             time.sleep(0 if pauses < 8 else 2e-5)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from hpcps.runtime.mpi import mpi
 from hpcps.runtime.wait import Backoff
 
 TAG_BCAST = 7301
@@ -34,15 +35,22 @@ class PolledComm:
         return self.size
 
     def _poll(self, done: Callable[[], bool]) -> None:
-        backoff = Backoff()
+        backoff = Backoff(progress=self._progress)
         while not done():
             if self.duties is not None:
                 self.duties()
             backoff.pause()
 
+    def _progress(self) -> None:
+        self.comm.Iprobe(mpi().ANY_SOURCE, mpi().ANY_TAG)
+
+    def wait_for(self, done: Callable[[], bool]) -> None:
+        """Wait until ``done()`` (e.g. a thread doing file work) while running the duties and
+        keeping MPI progress going, as the collectives here do."""
+        self._poll(done)
+
     def _wait_all(self, requests) -> None:
-        from mpi4py import MPI
-        self._poll(lambda: MPI.Request.Testall(requests))
+        self._poll(lambda: mpi().Request.Testall(requests))
 
     def _recv(self, source: int, tag: int) -> Any:
         self._poll(lambda: self.comm.Iprobe(source=source, tag=tag))

@@ -34,6 +34,21 @@ def sleep_with_progress(seconds: float, progress: Optional[Callable[[], None]]) 
         time.sleep(min(left, PROGRESS_SLICE))
 
 
+class ProgressPacer:
+    """``progress`` at most once per ``every`` seconds, for loops of local work (an optimizer
+    update in chunks, decoding pushes) on a rank whose windows others are using."""
+
+    def __init__(self, progress: Callable[[], None], every: float = PROGRESS_SLICE):
+        self.progress, self.every = progress, every
+        self.next = 0.0
+
+    def __call__(self) -> None:
+        now = time.perf_counter()
+        if now >= self.next:
+            self.progress()
+            self.next = now + self.every
+
+
 class Backoff:
     """The pause between two polls of one wait (see the module docstring)."""
 
