@@ -6,7 +6,8 @@
   corpus stand in, so the suite runs in full on any machine; ``real_shakespeare``
   skips the few tests that check Shakespeare's own properties.
 - ``make_corpus``: prepare a small corpus from a text given inline.
-- ``mpi_impl``: runs a test once per MPI implementation (see ``mpi_util``).
+- ``mpi_impl``: runs a test once per MPI implementation (see ``mpi_util``);
+  ``net_impl``: once per implementation through its network module.
 """
 
 from __future__ import annotations
@@ -83,6 +84,14 @@ def make_corpus(tmp_path):
         prepare([str(src)], str(out), tokenizer=tokenizer, val_fraction=val_fraction, quiet=True)
         return out
     return build
+
+
+@pytest.fixture(params=[f"{impl}+net" for impl in IMPLEMENTATIONS])
+def net_impl(request) -> str:
+    """The network path of each MPI (see ``mpi_util``): MPICH with every rank its own node
+    (``MPIR_CVAR_NOLOCAL=1``), Open MPI with every rank on its own fake node over TCP."""
+    require_implementation(request.param)
+    return request.param
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)

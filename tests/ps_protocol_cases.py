@@ -16,6 +16,10 @@ several rank counts under each MPI.
   arrives whole, in order, exactly once (W K pushes in all).
 - ``slots_early_read`` (negative control): reading a slot before its flag is set
   finds no push, so the ``slots`` check could fail.
+- ``target_progress``: how long an atomic takes to a target that sleeps in Python for
+  1 s (prints ``ATOMIC <seconds>``): about 1 s where the path needs the target's MPI
+  progress (the network module), microseconds through shared memory. The tests use it
+  to show which path a launch really takes.
 """
 
 from __future__ import annotations
@@ -179,7 +183,27 @@ def case_slots(comm, early_read: bool = False) -> str:
     return problem
 
 
+def case_target_progress(comm) -> str:
+    win = mpi().Win.Allocate(8 if comm.Get_rank() == 0 else 0, 8, comm=comm)
+    win.Lock_all()
+    comm.Barrier()
+    if comm.Get_rank() == 0:
+        time.sleep(1.0)   # no MPI call: only shared memory completes an atomic meanwhile
+    elif comm.Get_rank() == 1:
+        time.sleep(0.1)   # the target is surely asleep
+        one, old = np.ones(1, np.int64), np.zeros(1, np.int64)
+        started = time.perf_counter()
+        win.Fetch_and_op(one, old, 0, 0, mpi().SUM)
+        win.Flush(0)
+        print(f"ATOMIC {time.perf_counter() - started:.6f}", flush=True)
+    comm.Barrier()
+    win.Unlock_all()
+    win.Free()
+    return ""
+
+
 CASES = {
+    "target_progress": case_target_progress,
     "gate": lambda comm: case_gate(comm),
     "gate_bypassed": lambda comm: case_gate(comm, bypass=True),
     "slots": lambda comm: case_slots(comm),

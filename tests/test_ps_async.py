@@ -45,6 +45,18 @@ def test_asp_loses_no_update(mpi_impl, tmp_path, servers, workers, steps, n_para
     assert max(r.get("staleness_max", 0) for r in records) >= 1
 
 
+@pytest.mark.timeout(240)
+def test_asp_loses_no_update_over_the_network(net_impl, tmp_path):
+    # the bf16 codec path too: small integers are exact in bf16
+    run = tmp_path / "run"
+    steps, workers = 60, 3
+    check_ok(run_mpi(2 + workers, ["-q", "train", *EXACT_SGD, "ps.mode=asp", "ps.servers=2",
+                                   f"train.max_steps={steps}", "synthetic.n_params=301",
+                                   "ps.compression=bf16", f"out_dir={run}"], net_impl, timeout=200))
+    records = read_metrics(run)
+    assert records[-1]["val_param_sum"] == expected_param_sum(steps, workers, 301)
+
+
 def test_expected_sum_negative_control():
     # one step more or one worker less must change the number the test compares against
     base = expected_param_sum(1000, 5, 1001)
@@ -124,7 +136,7 @@ def replay_max_lead(trace_dir, workers: int) -> int:
     return int(worst)
 
 
-def run_traced(impl, tmp_path, mode, workers, staleness, steps, straggler):
+def run_traced(impl, tmp_path, mode, workers, staleness, steps, straggler, timeout=90):
     trace = tmp_path / f"trace_{mode}_{staleness}"
     run = tmp_path / f"run_{mode}_{staleness}"
     # one server: it is the highest rank, so ranks 0..W-1 are the workers
@@ -132,7 +144,7 @@ def run_traced(impl, tmp_path, mode, workers, staleness, steps, straggler):
                                    f"ps.staleness={staleness}", f"train.max_steps={steps}",
                                    "synthetic.n_params=501", "synthetic.compute_ms=2",
                                    f"ps.straggler={straggler}", f"out_dir={run}"],
-                     impl, timeout=90, env={"HPCPS_PS_TRACE": str(trace)})
+                     impl, timeout=timeout, env={"HPCPS_PS_TRACE": str(trace)})
     check_ok(result)
     records = read_metrics(run)
     assert records[-1]["val_param_sum"] == expected_param_sum(steps, workers, 501)
@@ -149,6 +161,12 @@ def test_ssp_bound_holds_with_a_straggler(mpi_impl, tmp_path):
     # negative control: the same replay finds the fast workers far ahead in asp
     trace = run_traced(mpi_impl, tmp_path, "asp", workers, s, 120, "1:4")
     assert replay_max_lead(trace, workers) > s + 10
+
+
+@pytest.mark.timeout(240)
+def test_ssp_bound_holds_over_the_network(net_impl, tmp_path):
+    trace = run_traced(net_impl, tmp_path, "ssp", 3, 1, 40, "1:4", timeout=200)
+    assert replay_max_lead(trace, 3) == 1
 
 
 @pytest.mark.timeout(120)

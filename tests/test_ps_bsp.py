@@ -65,6 +65,15 @@ def test_bsp_equals_one_process_with_the_global_batch(mpi_impl, tmp_path, shakes
     assert any(r["grad_norm"] > 1.0 for r in ours), "clipping never engaged: weaker test"
 
 
+@pytest.mark.timeout(180)
+def test_bsp_equals_one_process_over_the_network(net_impl, tmp_path, shakespeare_corpus,
+                                                 reference):
+    run = tmp_path / "run"
+    check_ok(run_mpi(4, tiny_args(shakespeare_corpus, run, BATCH, ["ps.mode=bsp", "ps.servers=2"]),
+                     net_impl, timeout=150))
+    assert mismatches(read_metrics(run), reference(2 * BATCH)) == []
+
+
 @pytest.mark.timeout(120)
 def test_bsp_with_sparse_embedding_rows(mpi_impl, tmp_path, shakespeare_corpus, reference):
     # untied embeddings: wte pushes carry only the touched rows, and three shards cut wte

@@ -30,6 +30,25 @@ def test_protocol_case(mpi_impl, case, ranks):
     passed_on_every_rank(case, ranks, mpi_impl)
 
 
+@pytest.mark.parametrize("case", ["gate", "slots"])
+def test_protocol_case_over_the_network(net_impl, case):
+    passed_on_every_rank(case, 3, net_impl)
+
+
+def atomic_seconds(impl: str) -> float:
+    result = run_mpi(2, ["target_progress"], impl, timeout=60, program=[str(CASES)])
+    assert result.returncode == 0, describe(result)
+    return float(next(x for x in result.stdout.split() if x[0].isdigit()))
+
+
+def test_network_path_really_goes_through_the_network_module(net_impl):
+    """An atomic to a rank sleeping outside MPI completes only when it wakes (~0.9 s) on the
+    network path the network tests use; through shared memory at once (the control)."""
+    assert atomic_seconds(net_impl) > 0.5
+    shared = net_impl.split("+")[0]
+    assert atomic_seconds(shared) < 0.2
+
+
 @pytest.mark.parametrize("case", ["gate_bypassed", "slots_early_read"])
 def test_negative_control_check_fails_where_it_must(mpi_impl, case):
     # these cases print OK when the check they control *rejected* what it saw

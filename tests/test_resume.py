@@ -60,6 +60,25 @@ def test_kill_a_random_rank_then_resume_bit_identical(shakespeare_corpus, bsp_re
     np.testing.assert_array_equal(final_params(run), final_params(bsp_reference))
 
 
+@pytest.mark.timeout(300)
+def test_kill_then_resume_over_the_network_is_bit_identical(shakespeare_corpus, tmp_path, net_impl):
+    ref = tmp_path / "ref"
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, ref, *BSP, "train.max_steps=20")], ref, n=3,
+           impl=net_impl, timeout=150, name="reference")
+    run = tmp_path / "run"
+    job = Job(["-q", *tiny_gpt_args(shakespeare_corpus, run, *BSP, "train.max_steps=20")], run,
+              n=3, impl=net_impl, name="killed")
+    job.wait_for_step(10, timeout=120)
+    job.signal_rank(2, signal.SIGKILL)   # the server
+    assert job.wait(60) != 0, job.output()
+    assert job.steps_written() < 20, "the job finished before the kill: nothing was tested"
+    resumed = run_ok(tiny_gpt_args(shakespeare_corpus, run, *BSP, "train.max_steps=20"), run, n=3,
+                     impl=net_impl, timeout=150, name="resumed")
+    assert "resuming from" in resumed.stdout, resumed.output()
+    assert_same_run(run, ref)
+    np.testing.assert_array_equal(final_params(run), final_params(ref))
+
+
 # -- a crash in the middle of a checkpoint write -------------------------------------------------
 @pytest.mark.timeout(180)
 def test_crash_during_a_checkpoint_write_is_never_loaded(shakespeare_corpus, bsp_reference,
