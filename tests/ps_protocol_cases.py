@@ -67,9 +67,12 @@ def owner_updates(shards: ShardSet) -> None:
         for a, b in zip(bounds[:-1], bounds[1:]):
             wins.local_params[a:b] = version
             time.sleep(2e-4)  # a reader without the gate would land in the middle
+            wins.progress()   # as a server does: others' atomics need us inside MPI
         wins.write(me, C.VERSION, version)
         wins.end_write()
-        time.sleep(2e-4)
+        for _ in range(5):    # readers get their turn between updates
+            time.sleep(2e-4)
+            wins.progress()
 
 
 def check_pull(params: np.ndarray, version_read: int, last: int) -> str:
