@@ -13,6 +13,8 @@ Experiments (``--experiments``, default all):
 - ``checkpoint``: BSP 1 server + 1 worker with ``checkpoint.every = --checkpoint-every`` vs
   without periodic checkpoints, interleaved: the *mean* step time (checkpoint steps included)
   of each, and the overhead (target <= 5 %).
+- ``network``: the same bsp and asp jobs through shared memory and through MPICH's network
+  module, interleaved: step-time ratio and the latency of atomics (``hpcps.bench.network``).
 
 Throughput of a PS run is counted from every worker's pushes (the runs are traced
 with HPCPS_PS_TRACE): the tokens all workers pushed while all of them were still
@@ -32,11 +34,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hpcps.bench.network import format_network, network_experiment
 from hpcps.config import load_config
 from hpcps.config.paths import resolve_config_path
 from hpcps.errors import UserError
 
-EXPERIMENTS = ("overhead", "scaling", "straggler", "checkpoint")
+EXPERIMENTS = ("overhead", "scaling", "straggler", "checkpoint", "network")
 MODES = ("bsp", "ssp", "asp", "allreduce")
 # several ranks per core: one BLAS thread each, or their threads fight over the cores
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -48,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="shakespeare_char",
                         help="TOML config or a name in configs/ (default shakespeare_char, "
                              "nanoGPT's CPU shape)")
-    parser.add_argument("--experiments", default=",".join(EXPERIMENTS),
-                        help=f"comma list of {', '.join(EXPERIMENTS)} (default all)")
+    parser.add_argument("--experiments", default=",".join(EXPERIMENTS[:4]),
+                        help=f"comma list of {', '.join(EXPERIMENTS)} (default all but network, "
+                             "which needs MPICH)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="steps not timed at the start")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per run kind")
@@ -205,6 +209,12 @@ class Runner:
     def _per_step_tokens(self, workers: int) -> int:
         return workers * self.cfg.train.batch_size * self.tokens_per_item
 
+    def _median_step(self, records) -> float:
+        return median_step_s(records, self.args.warmup)
+
+    def network(self) -> dict:
+        return network_experiment(self)
+
     # -- experiments -----------------------------------------------------------------------
     def overhead(self) -> dict:
         a = self.args
@@ -323,6 +333,8 @@ def format_summary(result: dict) -> str:
             name = f"ssp({s['staleness']})" if mode == "ssp" else mode
             lines.append(f"  {name:7s} {m['tokens_per_s']:>10,.0f} tok/s  {m['speedup_vs_bsp']:.2f}x"
                          f"  val {m['val_loss']:.4f} ({m['val_delta_vs_bsp']:+.4f})")
+    if "network" in result:
+        lines += format_network(result["network"])
     if "checkpoint" in result:
         c = result["checkpoint"]
         lines.append(f"checkpoint: every {c['every']} steps, bsp 1 server + 1 worker, {c['steps']} "

@@ -22,6 +22,7 @@ allocated shared-memory window complete without the target's help.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -30,6 +31,7 @@ from hpcps.ps import control as C
 from hpcps.ps.control import ControlLayout
 from hpcps.runtime.mpi import mpi
 
+LATENCY_ENV = "HPCPS_ATOMIC_LATENCY"  # benchmarks: a folder for each rank's atomic latencies
 SLOT_HEADER = 64           # bytes: 8 x int64 (see Header)
 ALIGN = 64
 GUARD_BYTES = 64           # sentinel bytes before and after every window buffer
@@ -92,6 +94,16 @@ class PSWindows:
         self.ctl.Lock_all()
         self._word = np.zeros(1, dtype=np.int64)
         self._result = np.zeros(1, dtype=np.int64)
+        # benchmarks: the latency of every control-word atomic to another rank (seconds),
+        # written to LATENCY_ENV's folder when the windows are freed
+        self.latency_dir = os.environ.get(LATENCY_ENV, "")
+        self.latencies: list | None = [] if self.latency_dir else None
+
+    def _complete(self, rank: int, started: float) -> None:
+        """Flush a control-word atomic; with latency recording on, note how long it took."""
+        self.ctl.Flush(rank)
+        if self.latencies is not None and rank != self.roles.world_rank:
+            self.latencies.append(time.perf_counter() - started)
 
     def progress(self) -> None:
         """Enter MPI's progress engine. Over a network module, other ranks' atomics (and with
@@ -102,48 +114,54 @@ class PSWindows:
     # -- atomics on ctl ------------------------------------------------------------
     def read(self, rank: int, index: int) -> int:
         MPI = self.MPI
+        started = time.perf_counter()
         self.ctl.Fetch_and_op([self._word, MPI.INT64_T], [self._result, MPI.INT64_T], rank,
                               G_CTL + index, MPI.NO_OP)
-        self.ctl.Flush(rank)
+        self._complete(rank, started)
         return int(self._result[0])
 
     def read_block(self, rank: int, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
         MPI = self.MPI
+        started = time.perf_counter()
         out = np.empty(hi - lo, dtype=np.int64) if out is None else out
         self.ctl.Get_accumulate([out, MPI.INT64_T], [out, MPI.INT64_T], rank,
                                 (G_CTL + lo, hi - lo, MPI.INT64_T),
                                 op=MPI.NO_OP)
-        self.ctl.Flush(rank)
+        self._complete(rank, started)
         return out
 
     def write(self, rank: int, index: int, value: int) -> None:
+        started = time.perf_counter()
         self._word[0] = value
         self.ctl.Accumulate([self._word, self.MPI.INT64_T], rank,
                             (G_CTL + index, 1, self.MPI.INT64_T),
                             op=self.MPI.REPLACE)
-        self.ctl.Flush(rank)
+        self._complete(rank, started)
 
     def write_block(self, rank: int, lo: int, values: np.ndarray) -> None:
+        started = time.perf_counter()
         values = np.ascontiguousarray(values, dtype=np.int64)
         self.ctl.Accumulate([values, self.MPI.INT64_T], rank,
                             (G_CTL + lo, len(values), self.MPI.INT64_T),
                             op=self.MPI.REPLACE)
-        self.ctl.Flush(rank)
+        self._complete(rank, started)
 
     def add(self, rank: int, index: int, delta: int = 1) -> int:
         """Atomic fetch-and-add; returns the old value."""
+        started = time.perf_counter()
         self._word[0] = delta
         self.ctl.Fetch_and_op([self._word, self.MPI.INT64_T], [self._result, self.MPI.INT64_T], rank,
                               G_CTL + index, self.MPI.SUM)
-        self.ctl.Flush(rank)
+        self._complete(rank, started)
         return int(self._result[0])
 
     def add_block(self, rank: int, lo: int, deltas: np.ndarray) -> None:
+        started = time.perf_counter()
         deltas = np.ascontiguousarray(deltas, dtype=np.int64)
         self.ctl.Accumulate([deltas, self.MPI.INT64_T], rank,
                             (G_CTL + lo, len(deltas), self.MPI.INT64_T),
                             op=self.MPI.SUM)
-        self.ctl.Flush(rank)
+        self._complete(rank, started)
 
     # -- the params gate -----------------------------------------------------------
     def enter_read(self, rank: int) -> bool:
@@ -197,6 +215,10 @@ class PSWindows:
         return bad
 
     def free(self) -> None:
+        if self.latencies is not None:
+            os.makedirs(self.latency_dir, exist_ok=True)
+            np.save(os.path.join(self.latency_dir, f"rank{self.roles.world_rank}.npy"),
+                    np.asarray(self.latencies, dtype=np.float64))
         self.params.Unlock_all()
         self.slots.Unlock_all()
         self.ctl.Unlock_all()
