@@ -136,9 +136,12 @@ def mpi_env(impl: str, env: Optional[dict] = None) -> dict:
         # the shared-memory one-sided components; without this the UCX one fails to
         # initialise on machines without a UCX network and prints an error per rank
         out["OMPI_MCA_osc"] = "sm,rdma"
-        if path:  # between fake nodes: TCP and the RDMA one-sided component
-            out.update({"OMPI_MCA_btl": "self,sm,tcp", "OMPI_MCA_osc": "rdma",
-                        "OMPI_MCA_pml": "ob1"})
+        # ranks outnumber cores here: a rank waiting inside MPI must yield its core, or the
+        # ranks it waits for (a server that has to progress our atomics) barely run
+        out["OMPI_MCA_mpi_yield_when_idle"] = "1"
+        if path:  # between fake nodes TCP and the RDMA one-sided component (osc sm serves
+            # only windows whose ranks all share a node: the node-local ones)
+            out.update({"OMPI_MCA_btl": "self,sm,tcp", "OMPI_MCA_pml": "ob1"})
     if env:
         out.update(env)
     return out

@@ -179,7 +179,7 @@ def case_slots(comm, early_read: bool = False) -> str:
         for step in range(STEPS):
             grads[:] = 1000 * w + step
             client.start_push(grads, None)
-            client.wait(client.push(step, weight=1.0, loss=0.0, scale=1.0))
+            client.wait(client.push(step, weight=1.0, loss=0.0, scale=1.0, items=1))
     if early_read:
         comm.Barrier()
     shards.close()

@@ -307,7 +307,7 @@ class RecordingSync:
     def grad_ready(self, lo, hi):
         self.calls.append(("ready", lo, hi, self.grads[lo:hi].copy()))
 
-    def push(self, step, grads, weight, loss):
+    def push(self, step, grads, weight, loss, items):
         self.calls.append(("push", step, grads.copy()))
         return {"loss": loss}
 
@@ -327,7 +327,7 @@ def test_device_sync_stages_pulls_and_pushes():
     grads[:] = np.arange(8)
     on_grad_ready(4, 8)
     on_grad_ready(0, 4)
-    stats = sync.push(1, grads, 1.0, 0.5)
+    stats = sync.push(1, grads, 1.0, 0.5, 4)
     assert stats == {"loss": 0.5}
     kinds = [c[0] for c in inner.calls]
     assert kinds == ["pull", "pull", "begin", "ready", "ready", "push"]

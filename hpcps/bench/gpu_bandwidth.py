@@ -138,7 +138,7 @@ class _BandwidthWorker:
             for i in reversed(range(4)):
                 self.stager.ready(bounds[i], bounds[i + 1])
             self.stager.finish()
-            self.client.wait(self.client.push(0, weight=1.0, loss=0.0, scale=1.0))
+            self.client.wait(self.client.push(0, weight=1.0, loss=0.0, scale=1.0, items=1))
         elif variant == "ps_pull":
             self.client.wait(self.client.pull(0))
             self.ops.wait(self.ops.copy_to_device_async(self.params, self.host_params, 0, n))

@@ -225,7 +225,7 @@ class PSBench:
                 self._wait_slots_free(client, wins)
                 t0 = perf()
                 client.start_push(grads, None)
-                client.wait(client.push(i, weight=1.0, loss=0.0, scale=1.0))
+                client.wait(client.push(i, weight=1.0, loss=0.0, scale=1.0, items=1))
                 busy += perf() - t0
         elif variant == "pull":
             for i in range(iters):
@@ -255,7 +255,7 @@ class PSBench:
     @staticmethod
     def _wait_slots_free(client, wins) -> None:
         backoff = Backoff()
-        slot = wins.ctl_layout.slot_state + client.w
+        slot = wins.ctl_layout.slot_state + client.slot
         for rank in client.servers:
             while wins.read(rank, slot) != 0:
                 backoff.pause()

@@ -25,7 +25,12 @@ field("ps.mode", "str", "auto",
       "auto (single with 1 rank, else bsp), single, bsp, ssp, asp, allreduce.",
       choices=("auto", "single", "bsp", "ssp", "asp", "allreduce"))
 field("ps.servers", "int_or_auto", AUTO,
-      "Server shard ranks (auto: one per node). Must leave at least one worker.", min=1)
+      "Server shard ranks (auto: one per node, but no more servers than workers). Must leave at "
+      "least one worker.", min=1)
+field("ps.hierarchy", "str", "none",
+      "node: the workers of a node reduce their gradients in shared memory and one leader per "
+      "node pushes and pulls for them (cross-node bytes per step: nodes x P instead of workers "
+      "x P); none: every worker pushes.", choices=("none", "node"))
 field("ps.staleness", "int", 2, "SSP bound: a worker at clock c waits until min clock >= c - staleness.",
       min=0)
 field("ps.compression", "str", "none", "Push encoding.", choices=("none", "fp16", "bf16", "topk"))

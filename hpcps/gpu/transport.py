@@ -219,9 +219,9 @@ class DeviceSync:
         self.stager.begin(self.inner.start_push(self.mpi_grads, touched))
         return self.stager.ready
 
-    def push(self, step: int, grads, weight: float, loss: float) -> dict:
+    def push(self, step: int, grads, weight: float, loss: float, items: int) -> dict:
         self.stager.finish()
-        return self.inner.push(step, self.mpi_grads, weight, loss)
+        return self.inner.push(step, self.mpi_grads, weight, loss, items)
 
 
 class PSDeviceBuffers:

@@ -54,7 +54,8 @@ class ProgressLine:
         if "staleness_mean" in record:
             parts.append(f"stale {record['staleness_mean']:.2f}/{record['staleness_max']}")
         if "push_mb" in record:
-            parts.append(f"push {record['push_mb']:.2f}MB pull {record['pull_mb']:.2f}MB")
+            per = "/node" if record.get("traffic_scope") == "node" else ""
+            parts.append(f"push {record['push_mb']:.2f}MB{per} pull {record['pull_mb']:.2f}MB{per}")
         done = step - self.first_step
         elapsed = time.monotonic() - self.started
         if done > 0:

@@ -57,7 +57,7 @@ class PSClient:
         self.params = params
         self.duties = duties
         self.mode = roles.mode
-        self.w = roles.worker_index
+        self.slot = roles.pusher_index   # our push slot on every server
         self.servers = roles.servers
         self.S = len(self.servers)
         self.L = self.wins.ctl_layout
@@ -161,7 +161,7 @@ class PSClient:
         else:
             for rank in self.servers:
                 self.wins.slots.Flush(rank)  # payload complete at the target ...
-                self.wins.write(rank, self.L.slot_state + self.w, 1)  # ... before the flag says so
+                self.wins.write(rank, self.L.slot_state + self.slot, 1)  # ... before the flag says so
         handle.done = True
 
     # -- push ------------------------------------------------------------------------
@@ -200,12 +200,12 @@ class PSClient:
             return True
         if self._slot_free[s] is None:
             rank = self.servers[s]
-            self._slot_free[s] = self.wins.read(rank, self.L.slot_state + self.w) == 0
+            self._slot_free[s] = self.wins.read(rank, self.L.slot_state + self.slot) == 0
         return self._slot_free[s]
 
     def _put_bytes(self, s: int, offset: int, values: np.ndarray) -> None:
         rank = self.servers[s]
-        target = self.wins.slot_offset(s, self.w) + offset
+        target = self.wins.slot_offset(s, self.slot) + offset
         self.wins.slots.Put([values, mpi().BYTE], rank, (target, values.nbytes, mpi().BYTE))
 
     def _encode_and_put(self, s: int) -> None:
@@ -228,7 +228,8 @@ class PSClient:
     def _shard_touched(self):
         return self._touched if self.cfg.ps.sparse_embedding else None
 
-    def push(self, step: int, *, weight: float, loss: float, scale: float) -> PushHandle:
+    def push(self, step: int, *, weight: float, loss: float, scale: float,
+             items: int) -> PushHandle:
         """Send what backward's callback has not sent yet, then the headers; ``wait`` on the
         handle flushes and raises the flags."""
         for s, rank in enumerate(self.servers):
@@ -238,9 +239,10 @@ class PSClient:
             header[Header.LOSS] = f2i(loss)
             header[Header.CLOCK] = step + 1
             header[Header.SCALE] = f2i(scale)
+            header[Header.ITEMS] = items
             if not self._sent[s]:
                 if not self.slot_always_free:
-                    self.wait_until(lambda r=rank: self.wins.read(r, self.L.slot_state + self.w) == 0)
+                    self.wait_until(lambda r=rank: self.wins.read(r, self.L.slot_state + self.slot) == 0)
                 self._encode_and_put(s)
                 self._sent[s] = True
             header[Header.PULLED_VERSION] = self.pulled_version[s]

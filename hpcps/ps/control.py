@@ -22,7 +22,7 @@ SYNC_EPOCH = 3       # coordinator: bumped when every live worker is parked
 LAST_LOSS = 4        # float64 bits: bsp weighted mean loss of the last step
 LAST_NORM = 5        # float64 bits: bsp global gradient norm of the last step
 LAST_STEP = 6        # step that LAST_LOSS / LAST_NORM belong to
-APPLIED = 7          # pushes applied (all modes)
+APPLIED = 7          # items (sequences, pairs) of the pushes applied (all modes)
 PARAMS_GATE = 8      # readers-writer gate of the params window: +1 per reader in flight,
                      # +WRITER while the owner updates (see PSWindows.enter_read)
 N_SCALARS = 9
@@ -31,11 +31,15 @@ WRITER = 1 << 40     # the owner's share of PARAMS_GATE: far above any reader co
 
 
 class ControlLayout:
-    def __init__(self, n_workers: int):
+    """Word offsets: scalars, then per-pusher slot flags, then per-worker coordination words
+    (pushers are the workers, or one leader per node with ``ps.hierarchy = node``)."""
+
+    def __init__(self, n_workers: int, n_pushers: int | None = None):
         w = n_workers
-        self.n_workers = w
-        self.slot_state = N_SCALARS              # [w] 0 empty / 1 full (every server)
-        self.clock = self.slot_state + w         # [w] coordinator: steps pushed by worker
+        p = w if n_pushers is None else n_pushers
+        self.n_workers, self.n_pushers = w, p
+        self.slot_state = N_SCALARS              # [p] 0 empty / 1 full (every server)
+        self.clock = self.slot_state + p         # [w] coordinator: steps pushed by worker
         self.worker_hb = self.clock + w          # [w] coordinator: worker heartbeats
         self.excluded = self.worker_hb + w       # [w] coordinator: 1 while a worker is silent
         self.proposal = self.excluded + w        # [w] coordinator: stop proposal (step + 1)

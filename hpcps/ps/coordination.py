@@ -231,9 +231,10 @@ class WorkerCoordination:
         self.stats_waits.add(time.monotonic() - started)
         return {"loss": i2f(block[0]), "grad_norm": i2f(block[1])}
 
-    def pushes_applied(self) -> int:
-        """Pushes the servers applied since the last call (every push reaches every shard, so
-        the coordinator's count is the job's): the lead's measure of global throughput."""
+    def items_applied(self) -> int:
+        """Items (sequences, pairs) of the pushes the servers applied since the last call
+        (every push reaches every shard, so the coordinator's count is the job's): the
+        lead's measure of global throughput."""
         applied = self.wins.read(self.coord, C.APPLIED)
         delta, self.applied_seen = applied - self.applied_seen, applied
         return delta

@@ -71,7 +71,8 @@ class Server:
         self.coordinator = roles.servers[0]
         self.is_coordinator = self.me == self.coordinator
         self.L = wins.ctl_layout
-        self.W = roles.n_workers
+        self.W = roles.n_workers      # watched, parked, proposing
+        self.P = roles.n_pushers      # push slots (the workers, or one leader per node)
         self.params = wins.local_params
         self.params[:] = params_init  # no reader yet: workers pull after the start barrier
         self.wins.params.Sync()
@@ -197,7 +198,7 @@ class Server:
 
     def slot_states(self) -> np.ndarray:
         L = self.L
-        return self.wins.read_block(self.me, L.slot_state, L.slot_state + self.W)
+        return self.wins.read_block(self.me, L.slot_state, L.slot_state + self.P)
 
     def apply_pending(self) -> bool:
         states = self.slot_states()
@@ -209,25 +210,24 @@ class Server:
         full = np.nonzero(states == 1)[0]
         if len(full) == 0:
             return False
-        order = sorted(int(w) for w in full)
-        order = [w for w in order if w >= self.rr] + [w for w in order if w < self.rr]
-        for w in order:
-            self._apply_async(w)
-        self.rr = (order[-1] + 1) % self.W
+        order = sorted(int(p) for p in full)
+        order = [p for p in order if p >= self.rr] + [p for p in order if p < self.rr]
+        for p in order:
+            self._apply_async(p)
+        self.rr = (order[-1] + 1) % self.P
         return True
 
-    def _headers(self, workers) -> list[np.ndarray]:
-        self.wins.slots.Sync()  # make the workers' completed Puts visible to local loads
-        return [self.wins.local_slot(w)[:SLOT_HEADER].view(np.int64).copy() for w in workers]
+    def _headers(self, pushers) -> list[np.ndarray]:
+        self.wins.slots.Sync()  # make the pushers' completed Puts visible to local loads
+        return [self.wins.local_slot(p)[:SLOT_HEADER].view(np.int64).copy() for p in pushers]
 
-    def _payload(self, w: int, nbytes: int) -> np.ndarray:
-        return self.wins.local_slot(w)[SLOT_HEADER:SLOT_HEADER + nbytes]
+    def _payload(self, p: int, nbytes: int) -> np.ndarray:
+        return self.wins.local_slot(p)[SLOT_HEADER:SLOT_HEADER + nbytes]
 
     def _apply_bsp(self) -> None:
-        W = self.W
         if self.idle_since is not None:
             self.push_gaps.add(time.monotonic() - self.idle_since)
-        heads = self._headers(range(W))
+        heads = self._headers(range(self.P))
         steps = {int(h[Header.STEP]) for h in heads}
         if steps != {self.version}:
             abort(self.roles.comm, 1, f"protocol error: server {self.index} at step {self.version} "
@@ -235,7 +235,7 @@ class Server:
         weights = np.array([i2f(h[Header.WEIGHT]) for h in heads])
         total = float(weights.sum())
         grad = self._weighted_mean(heads, weights / total)
-        loss = float(sum(weights[w] * i2f(heads[w][Header.LOSS]) for w in range(W)) / total)
+        loss = float(sum(weights[p] * i2f(heads[p][Header.LOSS]) for p in range(self.P)) / total)
         sumsq = float(grad @ grad)
         total_sumsq = self._allreduce_servers(sumsq)
         norm, scale = clip_coefficient(total_sumsq, self.cfg.train.grad_clip)
@@ -248,7 +248,7 @@ class Server:
         if self.is_coordinator:
             self.wins.write_block(self.me, C.LAST_LOSS,
                                   np.array([f2i(loss), f2i(norm), self.version + 1], dtype=np.int64))
-        self.wins.add(self.me, C.APPLIED, W)
+        self.wins.add(self.me, C.APPLIED, sum(int(h[Header.ITEMS]) for h in heads))
         self._update(grad, self.lr_fn(self.version), scale, release_slots=True)
         self.idle_since = time.monotonic()
 
@@ -264,17 +264,17 @@ class Server:
             self.progress()
         return self.acc
 
-    def _apply_async(self, w: int) -> None:
-        head = self._headers([w])[0]
+    def _apply_async(self, p: int) -> None:
+        head = self._headers([p])[0]
         self.acc.fill(0.0)
-        self.codec.decode_add(self._payload(w, int(head[Header.NBYTES])), self.acc, 1.0)
+        self.codec.decode_add(self._payload(p, int(head[Header.NBYTES])), self.acc, 1.0)
         stale = max(0, self.version - int(head[Header.PULLED_VERSION]))
         self.hist[min(stale, HIST_BINS - 1)] += 1
         self._update(self.acc, self.lr_fn(int(head[Header.STEP])), i2f(head[Header.SCALE]))
-        self.wins.write(self.me, self.L.slot_state + w, 0)  # decoded: the worker may refill it
+        self.wins.write(self.me, self.L.slot_state + p, 0)  # decoded: the pusher may refill it
         self.wins.add_block(self.me, self.L.hist, self.hist)
         self.hist[:] = 0
-        self.wins.add(self.me, C.APPLIED, 1)
+        self.wins.add(self.me, C.APPLIED, int(head[Header.ITEMS]))
 
     def _update(self, grad, lr: float, scale: float, release_slots: bool = False) -> None:
         """One optimizer step with the params gate closed; the version moves inside it, so
@@ -284,7 +284,7 @@ class Server:
         self.wins.begin_write(self.duties)
         self.opt.step(self.params, grad, lr, scale, between=self.progress)
         if release_slots:
-            self.wins.write_block(self.me, self.L.slot_state, np.zeros(self.W, np.int64))
+            self.wins.write_block(self.me, self.L.slot_state, np.zeros(self.P, np.int64))
         self.version += 1
         self.wins.write(self.me, C.VERSION, self.version)
         self.wins.end_write()

@@ -8,7 +8,7 @@ accumulates while the target computes; allocated windows do not.
   readers-writer gate (``enter_read``); the owner updates it only after closing
   the gate and seeing every reader leave (``begin_write``), so a pull never sees
   half an update.
-- ``slots``   bytes [W x slot]: worker w ``Put``s its encoded push into slot w.
+- ``slots``   bytes [pushers x slot]: pusher p ``Put``s its encoded push into slot p.
 - ``ctl``     int64 [ControlLayout.size]: versions, flags, clocks, heartbeats.
 
 All three windows stay in one ``Lock_all`` passive epoch for the whole run;
@@ -43,7 +43,7 @@ G_CTL = GUARD_BYTES // 8
 
 class Header:
     """int64 words at the start of a slot."""
-    STEP, PULLED_VERSION, NBYTES, WEIGHT, LOSS, CLOCK, SCALE = range(7)
+    STEP, PULLED_VERSION, NBYTES, WEIGHT, LOSS, CLOCK, SCALE, ITEMS = range(8)
 
 
 def slot_stride(max_payload: int) -> int:
@@ -62,17 +62,18 @@ class PSWindows:
         self.comm = comm
         self.roles = roles
         self.ranges = ranges
-        self.ctl_layout = ControlLayout(roles.n_workers)
+        self.ctl_layout = ControlLayout(roles.n_workers, roles.n_pushers)
         self.strides = [slot_stride(p) for p in max_payloads]
         s = roles.server_index if roles.is_server else -1
         n = ranges[s][1] - ranges[s][0] if s >= 0 else 0
-        W = roles.n_workers
+        slots = roles.n_pushers
         # each buffer sits between two guard regions filled with a sentinel: a remote write
         # that overruns its target range is caught by check_guards() (RMA displacements
         # are shifted by the guard so callers never see it)
         g = GUARD_BYTES
         self.params = MPI.Win.Allocate(n * 4 + 2 * g if s >= 0 else 0, 4, comm=comm)
-        self.slots = MPI.Win.Allocate(W * self.strides[s] + 2 * g if s >= 0 else 0, 1, comm=comm)
+        self.slots = MPI.Win.Allocate(slots * self.strides[s] + 2 * g if s >= 0 else 0, 1,
+                                      comm=comm)
         # MPI's default accumulate_ops=same_op_no_op holds: every control word is written
         # with one op only (REPLACE or SUM) and read with NO_OP (docs/protocol.md)
         self.ctl = MPI.Win.Allocate(self.ctl_layout.size * 8 + 2 * g if s >= 0 else 0, 8, comm=comm)
@@ -194,13 +195,13 @@ class PSWindows:
                        np.array([-C.WRITER], dtype=np.int64))
 
     # -- slots ---------------------------------------------------------------------
-    def slot_offset(self, server_index: int, worker_index: int) -> int:
-        """Displacement of a worker's slot in the slots window (guard included)."""
-        return G_SLOTS + worker_index * self.strides[server_index]
+    def slot_offset(self, server_index: int, pusher_index: int) -> int:
+        """Displacement of a pusher's slot in the slots window (guard included)."""
+        return G_SLOTS + pusher_index * self.strides[server_index]
 
-    def local_slot(self, worker_index: int) -> np.ndarray:
+    def local_slot(self, pusher_index: int) -> np.ndarray:
         s = self.roles.server_index
-        off = worker_index * self.strides[s]
+        off = pusher_index * self.strides[s]
         return self.local_slots[off:off + self.strides[s]]
 
     def check_guards(self) -> list[str]:

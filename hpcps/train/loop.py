@@ -127,7 +127,7 @@ class Trainer:
                                                    on_grad_ready)
         if self.straggle > 1.0:  # experiments: this rank computes `straggle` times slower
             time.sleep((time.monotonic() - compute_start) * (self.straggle - 1.0))
-        stats = self.sync.push(step, self.grads, weight, loss)
+        stats = self.sync.push(step, self.grads, weight, loss, self.hi - self.lo)
         if self.log is not None:
             self.pending = self._record(step, lr, stats, started)
 
@@ -138,8 +138,8 @@ class Trainer:
         step_s = now - (self.last_step_end if self.last_step_end is not None else started)
         self.last_step_end = now
         # items all workers processed meanwhile: in asp and ssp the others need not have done
-        # one step each while the lead did one (the strategy counts the pushes applied)
-        items = stats.get("pushes_applied", self.W) * self.b
+        # one step each while the lead did one (the PS strategy counts the items applied)
+        items = stats.get("items_applied", self.global_batch)
         items_per_s = items / step_s if step_s > 0 else 0.0
         record = {"step": step + 1, "loss": float(stats["loss"]), "lr": lr,
                   "grad_norm": None if stats.get("grad_norm") is None else float(stats["grad_norm"]),

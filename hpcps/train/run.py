@@ -215,10 +215,14 @@ def _strategy(ctx: RunContext, shards: Optional[ShardSet], lr_fn, saved: dict):
     cfg, roles, layout, backend = ctx.cfg, ctx.roles, ctx.workload.layout, ctx.backend
     if shards is not None:
         device = PSDeviceBuffers(cfg, layout, shards.codecs, cuda_aware_mpi()) if backend.is_gpu else None
-        params = device.mpi_params if device else np.zeros(layout.total, dtype=np.float32)
-        grads = device.mpi_grads if device else layout.new_buffer()
+        node = PSSync.node_group(roles, layout.total)   # collective over the workers
+        if device is not None:
+            params, grads = device.mpi_params, device.mpi_grads
+        else:   # with a node group the model reads the params its node's leader pulled
+            params = node.params if node is not None else np.zeros(layout.total, np.float32)
+            grads = layout.new_buffer()
         sync = PSSync(cfg=cfg, shards=shards, params=params, checkpointer=ctx.checkpointer,
-                      worker_state=saved)
+                      worker_state=saved, node=node)
         if device is not None:
             return device.wrap(sync), device.params, device.grads
         return sync, params, grads

@@ -54,9 +54,10 @@ class StepSync(Protocol):
     def start_push(self, grads, touched: dict) -> GradReady:
         """Before backward: returns the callback backward reports finished ranges to."""
 
-    def push(self, step: int, grads, weight: float, loss: float) -> dict:
-        """Hand in the gradient of ``step`` (mean over ``weight`` items); returns the step's
-        statistics: ``loss``, ``grad_norm`` and, where known, staleness counts."""
+    def push(self, step: int, grads, weight: float, loss: float, items: int) -> dict:
+        """Hand in the gradient of ``step``: the mean over ``weight`` (tokens, pairs) of this
+        worker's ``items`` sequences; returns the step's statistics: ``loss``, ``grad_norm``
+        and, where known, staleness counts and the items applied job-wide."""
 
     def traffic(self) -> dict:
         """Bytes moved since the last call, as MB, for the step record."""
@@ -97,7 +98,7 @@ class LocalSync:
         self.opt.step(self.params, grads, self.lr_fn(step), scale)
         return norm
 
-    def push(self, step: int, grads, weight: float, loss: float) -> dict:
+    def push(self, step: int, grads, weight: float, loss: float, items: int) -> dict:
         return {"loss": loss, "grad_norm": self._apply(step, grads)}
 
     def shard_state(self) -> dict:
@@ -146,7 +147,7 @@ class AllreduceSync(LocalSync):
         self.device.begin(grads)
         return self.device.grad_ready  # staged: copy each range to the host while backward runs
 
-    def push(self, step, grads, weight, loss):
+    def push(self, step, grads, weight, loss, items):
         tail = [weight, weight * loss, 1.0 if signals.stop_requested() else 0.0]
         n = self.layout.total
         if self.device is not None:
