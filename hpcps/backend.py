@@ -1,7 +1,8 @@
 """The one array-backend seam: model and optimizer code is written against ``xp``.
 
-``get_backend("cpu")`` returns NumPy; ``get_backend("gpu", local_rank)`` imports
-CuPy (only then) and selects the GPU of this node-local rank. Nothing here imports
+``get_backend("cpu")`` returns NumPy; ``get_backend("gpu", slot)`` imports CuPy
+(only then) and selects visible GPU number ``slot`` (``gpu_slot`` decides it from
+MPI: which of the node's workers see the same GPUs). Nothing here imports
 CuPy at module import time, so a CPU-only machine never needs it installed.
 """
 
@@ -51,7 +52,29 @@ def cupy_available() -> bool:
         return False
 
 
-def get_backend(device: str = "cpu", local_rank: int = 0, share_gpus: bool = False) -> Backend:
+def visible_gpus() -> list[str]:
+    """PCI addresses of the GPUs CUDA shows this process ([] without CuPy or a driver)."""
+    try:
+        import cupy  # optional (the gpu extra): only asked on device = gpu
+        count = cupy.cuda.runtime.getDeviceCount()
+        props = [cupy.cuda.runtime.getDeviceProperties(i) for i in range(count)]
+    except Exception:
+        return []
+    return [f"{p['pciDomainID']:04x}:{p['pciBusID']:02x}:{p['pciDeviceID']:02x}" for p in props]
+
+
+def gpu_slot(me: int, node_workers: list[int], seen: dict[int, list[str]]) -> int:
+    """Which visible GPU worker ``me`` takes: its position among the workers of its node that
+    see the same GPUs. Launchers differ: without binding every rank sees all of a node's GPUs
+    (positions 0..k-1 pick distinct ones); with per-task binding each sees its own one
+    (every position is 0). Decided from what the ranks report over MPI, not from the
+    launcher's environment variables."""
+    mine = seen[me]
+    same = [r for r in node_workers if seen[r] == mine]
+    return same.index(me)
+
+
+def get_backend(device: str = "cpu", slot: int = 0, share_gpus: bool = False) -> Backend:
     if device == "cpu":
         return CPU
     if device != "gpu":
@@ -66,10 +89,10 @@ def get_backend(device: str = "cpu", local_rank: int = 0, share_gpus: bool = Fal
         raise UserError(f"device = gpu but no usable CUDA device: {err}") from None
     if count == 0:
         raise UserError("device = gpu but no GPU is visible (check CUDA_VISIBLE_DEVICES)")
-    if local_rank >= count and not share_gpus:
-        raise UserError(f"node-local rank {local_rank} has no GPU of its own ({count} visible on this "
-                        "node); use fewer workers per node or set gpu.share = true")
-    device_id = local_rank % count
+    if slot >= count and not share_gpus:
+        raise UserError(f"worker {slot} of the node's workers that see these {count} GPU(s) has "
+                        "no GPU of its own; use fewer workers per node or set gpu.share = true")
+    device_id = slot % count
     cupy.cuda.Device(device_id).use()
     return Backend("cupy", cupy, device_id)
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from mpi_util import describe, mpi_env, mpich_mpirun, run_command
 
-from hpcps.backend import cupy_available, get_backend
+from hpcps.backend import cupy_available, get_backend, gpu_slot
 from hpcps.bench import gpu_parity as parity
 from hpcps.errors import UserError
 from hpcps.gpu import kernels, precision, transport
@@ -443,7 +443,7 @@ def test_more_workers_than_gpus_exits_2_on_every_rank(tmp_path, fake_cupy):
     assert result.stdout.count("exit 2") == 3, describe(result)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, describe(result)
-    assert "node-local rank 1 has no GPU of its own (1 visible on this node)" in lines[0]
+    assert "worker 1 of the node's workers that see these 1 GPU(s) has no GPU of its own" in lines[0]
     assert "gpu.share = true" in lines[0]
 
 
@@ -457,5 +457,17 @@ def test_gpu_share_lets_ranks_share_devices(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     assert [get_backend("gpu", r, share_gpus=True).device_id for r in range(5)] == [0, 1, 0, 1, 0]
     assert used == [0, 1, 0, 1, 0]
-    with pytest.raises(UserError, match="node-local rank 2 has no GPU of its own"):
+    with pytest.raises(UserError, match="worker 2 of the node's workers that see these 2 GPU"):
         get_backend("gpu", 2, share_gpus=False)
+
+
+def test_gpu_slot_follows_what_the_ranks_see():
+    node = [0, 1, 2, 3]
+    all_four = {r: ["a", "b", "c", "d"] for r in node}           # no binding: each sees all
+    assert [gpu_slot(r, node, all_four) for r in node] == [0, 1, 2, 3]
+    bound = {0: ["a"], 1: ["b"], 2: ["c"], 3: ["d"]}              # srun --gpus-per-task=1
+    assert [gpu_slot(r, node, bound) for r in node] == [0, 0, 0, 0]
+    pairs = {0: ["a", "b"], 1: ["a", "b"], 2: ["c", "d"], 3: ["c", "d"]}
+    assert [gpu_slot(r, node, pairs) for r in node] == [0, 1, 0, 1]
+    # negative control: the node-local rank alone would send bound ranks to GPUs they lack
+    assert [gpu_slot(r, node, all_four) for r in node] != [gpu_slot(r, node, bound) for r in node]

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from mpi_util import REPO_ROOT, mpi_env, read_metrics, require_implementation, run_ok, tiny_gpt_args
+from mpi_util import (REPO_ROOT, mpi_env, mpirun_prefix, read_metrics, require_implementation,
+                      run_ok, tiny_gpt_args)
 
 pytestmark = pytest.mark.mpi
 
@@ -96,3 +97,49 @@ def test_sbatch_preempted_requeued_resumed(shakespeare_corpus, tmp_path):
     assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
     assert ours[-1]["loss"] == theirs[-1]["loss"]
     assert [r["loss"] for r in ours] == [r["loss"] for r in theirs]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_sbatch_with_tasks_per_node_under_each_launcher(shakespeare_corpus, tmp_path, launcher):
+    require_slurm()
+    require_implementation("mpich")
+    run, log = tmp_path / "run", tmp_path / "slurm.out"
+    env = mpi_env("mpich", {"HPCPS_PYTHON": sys.executable, "HPCPS_LAUNCHER": launcher})
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--wait", "--nodes=1", "--ntasks-per-node=3", "--time=5",
+         f"--output={log}", f"--chdir={REPO_ROOT}", "slurm/train.sbatch",
+         *tiny_gpt_args(shakespeare_corpus, run, "ps.mode=bsp", "train.max_steps=8")[1:]],
+        capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=280)
+    text = log.read_text() if log.exists() else ""
+    assert submit.returncode == 0, submit.stderr + text[-3000:]
+    assert "3 ranks on 1 node(s), 1 server(s)" in text and "2 worker(s)" in text, text[-3000:]
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))
+
+
+# -- the script's launch line for several nodes (no allocation needed) ----------------------
+def dry_run(launcher: str, env_extra: dict) -> str:
+    env = {**os.environ, "HPCPS_DRY_RUN": "1", "HPCPS_LAUNCHER": launcher, "SLURM_NTASKS": "10",
+           "SLURM_NTASKS_PER_NODE": "5(x2)", "SLURM_JOB_NUM_NODES": "2", **env_extra}
+    result = subprocess.run(["bash", "slurm/train.sbatch", "configs/gpt2_124m.toml", "ps.mode=bsp"],
+                            capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=60)
+    assert result.returncode == 0, result.stderr
+    return next(x for x in result.stdout.splitlines() if x.startswith("would run:"))
+
+
+@pytest.mark.parametrize("launcher,impl,placement", [
+    ("srun", "mpich", "srun --mpi=pmi2 --kill-on-bad-exit=1 "),
+    ("mpirun", "mpich", " -n 10 -ppn 5 "),
+    ("mpirun", "openmpi", " -n 10 --map-by ppr:5:node "),
+])
+def test_two_node_launch_lines(launcher, impl, placement):
+    require_implementation(impl)
+    mpirun = mpirun_prefix(impl, 10)[0]
+    line = dry_run(launcher, {"HPCPS_MPIRUN": mpirun})
+    assert placement in line, line
+    assert line.endswith("-m mpi4py -m hpcps train configs/gpt2_124m.toml train.resume=auto "
+                         "ps.mode=bsp"), line
+    # negative control: without the per-node count mpirun gets no placement at all
+    if launcher == "mpirun":
+        bare = dry_run(launcher, {"HPCPS_MPIRUN": mpirun, "SLURM_NTASKS_PER_NODE": ""})
+        assert placement not in bare and " -n 10 " in bare, bare

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from hpcps import __version__
-from hpcps.backend import CPU, Backend, get_backend
+from hpcps.backend import CPU, Backend, get_backend, gpu_slot, visible_gpus
 from hpcps.checkpoint import Checkpointer, ResumePoint
 from hpcps.config import load_config
 from hpcps.errors import EXIT_FAILURE, EXIT_USAGE, UserError
@@ -91,13 +91,25 @@ def setup(config_path, overrides, comm, quiet: bool) -> RunContext:
                         "rank 0): give every rank the same config file and overrides")
     roles = build_roles(cfg, comm)
     _limit_threads(roles)
-    backend = get_backend(cfg.device, roles.local_rank, cfg.gpu.share) if roles.is_worker else CPU
+    backend = _worker_backend(cfg, roles, comm)
     workload = build_workload(cfg, backend)
     checkpointer = Checkpointer(cfg, roles, workload.layout, workload.describe())
     resume = checkpointer.find_resume()
     if comm.Get_rank() == 0:
         _prepare_run_dir(cfg)
     return RunContext(cfg, roles, backend, workload, checkpointer, resume, quiet)
+
+
+def _worker_backend(cfg, roles: Roles, comm) -> Backend:
+    """NumPy, or CuPy on the GPU this worker takes (collective: the ranks tell each other
+    which GPUs they see, see ``hpcps.backend.gpu_slot``)."""
+    wants_gpu = cfg.device == "gpu" and roles.is_worker
+    seen = comm.allgather(visible_gpus() if wants_gpu else None) if comm.Get_size() > 1 else \
+        [visible_gpus() if wants_gpu else None]
+    if not roles.is_worker:
+        return CPU
+    slot = gpu_slot(roles.world_rank, roles.node_workers, dict(enumerate(seen))) if wants_gpu else 0
+    return get_backend(cfg.device, slot, cfg.gpu.share)
 
 
 def _limit_threads(roles: Roles) -> None:

@@ -1,0 +1,91 @@
+"""Measure bsp step times of the synthetic workload over a grid of layouts, fit the cost
+model of ``hpcps.bench.cost_model`` to part of them and check its predictions on the
+rest (docs/scaling.md).
+
+    python benchmarks/scaling.py --out scaling.json            # measure, fit, check (~15 min)
+    python benchmarks/scaling.py --from scaling.json           # fit and check saved runs
+
+Each point is one ``mpirun`` job of ``hpcps train workload=synthetic`` (bsp, 1 + warm-up
+steps not timed), the median step time of the lead worker. ``path`` is ``shm`` (one node,
+shared memory) or ``net`` (MPICH with ``MPIR_CVAR_NOLOCAL=1``: every rank its own node, all
+one-sided traffic through the network module). Every third point (in grid order) is held
+out of the fit and used to check the predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from hpcps.bench.cost_model import Layout, fit, predict_step_s
+
+# (workers, servers, elements, compute ms, path): 3..34 ranks on 2 cores
+GRID = [(w, s, p, c, path)
+        for path in ("shm", "net")
+        for (w, s) in ((2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 2), (30, 2), (16, 4))
+        for p in (250_000, 1_000_000)
+        for c in (20.0,)]
+
+
+def measure(point, steps: int, warmup: int, root: Path) -> float:
+    workers, servers, elements, compute_ms, path = point
+    out = root / f"w{workers}_s{servers}_p{elements}_{path}"
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    if path == "net":
+        env["MPIR_CVAR_NOLOCAL"] = "1"
+    cmd = ["mpirun", "-n", str(workers + servers), sys.executable, "-m", "mpi4py", "-m", "hpcps",
+           "-q", "train", "workload=synthetic", "ps.mode=bsp", f"ps.servers={servers}",
+           f"synthetic.n_params={elements}", f"synthetic.compute_ms={compute_ms}",
+           "train.batch_size=1", f"train.max_steps={warmup + steps}", "train.eval_every=0",
+           "train.peak_flops=1e9", "checkpoint.every=0", f"out_dir={out}"]
+    subprocess.run(cmd, env=env, check=True, timeout=900, capture_output=True)
+    with open(out / "metrics.jsonl", encoding="utf-8") as fh:
+        records = [json.loads(x) for x in fh if x.strip()]
+    return statistics.median(r["step_s"] for r in records if r["step"] > warmup)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="save the measured points here (JSON)")
+    parser.add_argument("--from", dest="source", help="use the points saved in this file")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=8)
+    args = parser.parse_args()
+    if args.source:
+        points = json.loads(Path(args.source).read_text())["points"]
+    else:
+        points = []
+        with tempfile.TemporaryDirectory(prefix="hpcps-scaling-") as tmp:
+            for point in GRID:
+                seconds = measure(point, args.steps, args.warmup, Path(tmp))
+                points.append({"workers": point[0], "servers": point[1], "elements": point[2],
+                               "compute_ms": point[3], "path": point[4], "step_s": seconds})
+                print(json.dumps(points[-1]), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"points": points}, indent=1))
+    layouts = [Layout(workers=p["workers"], servers=p["servers"], nodes=1, elements=p["elements"],
+                      compute_s=p["compute_ms"] / 1e3, path=p["path"], cores=2) for p in points]
+    measured = [p["step_s"] for p in points]
+    train = [i for i in range(len(points)) if i % 3 != 2]
+    machine = fit([layouts[i] for i in train], [measured[i] for i in train])
+    print(json.dumps({"fitted": machine.as_dict()}, indent=1))
+    worst = 0.0
+    for i, (layout, seconds) in enumerate(zip(layouts, measured)):
+        predicted = predict_step_s(layout, machine)
+        error = predicted / seconds - 1.0
+        worst = max(worst, abs(error)) if i % 3 == 2 else worst
+        print(f"{'check' if i % 3 == 2 else 'fit  '} W={layout.workers:2d} S={layout.servers} "
+              f"P={layout.elements:>9,} {layout.path}: measured {1e3 * seconds:7.1f} ms, "
+              f"model {1e3 * predicted:7.1f} ms ({100 * error:+.0f}%)")
+    print(f"worst error on the held-out points: {100 * worst:.0f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
