@@ -94,9 +94,10 @@ def run(args) -> int:
     import sys
 
     from hpcps.data.prepare import prepare
-    # launched as `mpirun -n N python -m mpi4py -m hpcps prepare ...`: mpi4py is loaded
-    mpi = sys.modules.get("mpi4py.MPI")
-    comm = mpi.COMM_WORLD if mpi is not None else None
+    comm = None
+    if "mpi4py.run" in sys.modules:     # launched as `python -m mpi4py -m hpcps prepare ...`
+        from hpcps.runtime.mpi import world
+        comm = world()
     result = prepare(args.inputs, args.output, tokenizer=args.tokenizer,
                      vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                      overwrite=args.overwrite, quiet=getattr(args, "quiet", False),

@@ -16,7 +16,7 @@ import codecs
 import gzip
 import json
 import zlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from hpcps.data.inputs import BLOCK_BYTES, Source, line_at, read_blocks
 from hpcps.errors import UserError
@@ -37,17 +37,19 @@ def require_pyarrow():
     return pyarrow
 
 
-def text_of(record, field: str, where: str) -> str:
-    """The document text of a JSON record, or a one-line error at ``where``."""
+def text_of(record, field: str, where: Callable[[], str]) -> str:
+    """The document text of a JSON record, or a one-line error at ``where()`` (called
+    only on an error: finding a line number may mean counting lines)."""
     if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object, got {_JSON_TYPES.get(type(record))}")
+        raise UserError(f"{where()}: expected a JSON object, got "
+                        f"{_JSON_TYPES.get(type(record))}")
     if field not in record:
         keys = ", ".join(list(record)[:8]) or "none"
-        raise UserError(f"{where}: no '{field}' field (fields: {keys}; choose one with "
+        raise UserError(f"{where()}: no '{field}' field (fields: {keys}; choose one with "
                         f"--text-field)")
     value = record[field]
     if not isinstance(value, str):
-        raise UserError(f"{where}: '{field}' is {_JSON_TYPES.get(type(value), 'not text')}, "
+        raise UserError(f"{where()}: '{field}' is {_JSON_TYPES.get(type(value), 'not text')}, "
                         f"not a string")
     return value
 
@@ -80,7 +82,7 @@ def _json_line(source: Source, line: bytes, field: str, where) -> Optional[str]:
         raise UserError(f"{where()}: not UTF-8 ({err.reason})") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{where()}: not valid JSON ({err.msg} at column {err.colno})") from None
-    return text_of(record, field, where())
+    return text_of(record, field, where)
 
 
 def _jsonl(source: Source, field: str, start: int, stop: Optional[int]):
@@ -195,9 +197,10 @@ def _json_array(source: Source, field: str):
                 raise UserError(f"input {source.name} line {reader.line(err.pos)}: not valid "
                                 f"JSON ({err.msg})") from None
             want = BLOCK_BYTES
-            where = f"input {source.name} element {element} (line {reader.line(start)})"
+            text = text_of(record, field, lambda: f"input {source.name} element {element} "
+                                                  f"(line {reader.line(start)})")
             reader.pos = end
-            yield text_of(record, field, where), reader.bytes_read - done_bytes
+            yield text, reader.bytes_read - done_bytes
             done_bytes = reader.bytes_read
             element += 1
             sep = reader.skip_space()
