@@ -155,26 +155,40 @@ class TiktokenTokenizer(Tokenizer):
     kind = "tiktoken"
     cut_rule = "regex"
 
-    def __init__(self, definition: dict):
+    def __init__(self, definition: dict, encoding=None):
         self._definition = definition
         try:
-            pieces = [None if p is None else base64.b64decode(p, validate=True)
-                      for p in definition["ranks"]]
+            ranks = definition["ranks"]
             specials = {str(k): int(v) for k, v in definition["special_tokens"].items()}
             self._pat_str = str(definition["pat_str"])
             self.eot_text = str(definition["eot"])
+            if not isinstance(ranks, list):
+                raise TypeError
         except (KeyError, TypeError, ValueError, AttributeError):
             raise UserError("tiktoken tokenizer definition is incomplete or damaged") from None
-        self.vocab_size = max([len(pieces) - 1, *specials.values()]) + 1
-        self._bytes: list = pieces + [None] * (self.vocab_size - len(pieces))
-        for text, idx in specials.items():
-            self._bytes[idx] = text.encode("utf-8")
-        self._specials = specials
         if self.eot_text not in specials:
             raise UserError(f"tiktoken tokenizer definition lacks its end-of-text token "
                             f"{self.eot_text!r}")
+        self.vocab_size = max([len(ranks) - 1, *specials.values()]) + 1
         self.eot_id = specials[self.eot_text]
-        self._encoding = None          # the tiktoken object, built on the first encode
+        self._specials = specials
+        # built on first use: prepare only encodes, sample mostly decodes
+        self._encoding = encoding
+        self._bytes: Optional[list] = None
+
+    def _table(self) -> list:
+        """id -> bytes (None for an unused id)."""
+        if self._bytes is None:
+            try:
+                table = [None if p is None else base64.b64decode(p, validate=True)
+                         for p in self._definition["ranks"]]
+            except (TypeError, ValueError):
+                raise UserError("tiktoken tokenizer definition has a damaged token") from None
+            table += [None] * (self.vocab_size - len(table))
+            for text, idx in self._specials.items():
+                table[idx] = text.encode("utf-8")
+            self._bytes = table
+        return self._bytes
 
     @classmethod
     def load(cls, name: str) -> "TiktokenTokenizer":
@@ -188,10 +202,11 @@ class TiktokenTokenizer(Tokenizer):
                             f"offline encodings: {have})")
         enc = tiktoken.get_encoding(base + OFFLINE_SUFFIX)
         specials = {text: enc.encode_single_token(text) for text in sorted(enc.special_tokens_set)}
+        special_ids = set(specials.values())
         ranks: list = []               # index = id; None for a special token or an unused id
         for i in range(enc.n_vocab):
             try:
-                piece = None if i in specials.values() else enc.decode_single_token_bytes(i)
+                piece = None if i in special_ids else enc.decode_single_token_bytes(i)
             except KeyError:
                 piece = None
             ranks.append(None if piece is None else base64.b64encode(piece).decode("ascii"))
@@ -200,13 +215,14 @@ class TiktokenTokenizer(Tokenizer):
         definition = {"kind": "tiktoken", "name": base,
                       "pat_str": enc._pat_str,  # no public accessor; needed to encode again
                       "ranks": ranks, "special_tokens": specials, "eot": "<|endoftext|>"}
-        return cls(definition)
+        return cls(definition, enc)
 
     def _tiktoken(self):
         if self._encoding is None:
             tiktoken = require_tiktoken()
-            ranks = {piece: i for i, piece in enumerate(self._bytes)
-                     if piece is not None and i not in self._specials.values()}
+            specials = set(self._specials.values())
+            ranks = {piece: i for i, piece in enumerate(self._table())
+                     if piece is not None and i not in specials}
             self._encoding = tiktoken.Encoding(name=self._definition.get("name", "stored"),
                                                pat_str=self._pat_str, mergeable_ranks=ranks,
                                                special_tokens=self._specials)
@@ -225,10 +241,11 @@ class TiktokenTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         arr = _as_ids(ids)
         self._check_range(arr)
+        table = self._table()
         try:
-            raw = b"".join([self._bytes[i] for i in arr.tolist()])
+            raw = b"".join([table[i] for i in arr.tolist()])
         except TypeError:                  # None: an id between the ranks and the specials
-            bad = next(i for i in arr.tolist() if self._bytes[i] is None)
+            bad = next(i for i in arr.tolist() if table[i] is None)
             raise UserError(f"token id {bad} is not in the tiktoken vocabulary") from None
         return raw.decode("utf-8", errors="replace")
 

@@ -18,10 +18,11 @@ import json
 import zlib
 from typing import Callable, Iterator, Optional
 
-from hpcps.data.inputs import BLOCK_BYTES, Source, line_at, read_blocks
+from hpcps.data.inputs import Source, line_at, read_blocks
 from hpcps.errors import UserError
 
 ARROW_BATCH_ROWS = 1024        # Parquet rows per batch (the Arrow stream has its own batches)
+JSON_READ_BYTES = 1 << 20      # JSON array reader: bytes per read, and parsed text kept at most
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
                float: "a number", bool: "a boolean", type(None): "null"}
 
@@ -120,7 +121,7 @@ class _JsonText:
 
     def __init__(self, source: Source):
         self.source = source
-        self.blocks = read_blocks(source.path)
+        self.blocks = read_blocks(source.path, JSON_READ_BYTES)
         self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.buf = ""
         self.pos = 0
@@ -128,15 +129,16 @@ class _JsonText:
         self.bytes_read = 0
         self.eof = False
 
-    def more(self, at_least: int = BLOCK_BYTES) -> bool:
-        """Append at least ``at_least`` more bytes of text; False at the end of the file."""
+    def more(self, at_least: int = 0) -> bool:
+        """Append at least ``at_least`` (one read if 0) more bytes of text; False at the end
+        of the file."""
         if self.eof:
             return False
-        if self.pos > BLOCK_BYTES:              # drop what has been parsed
+        if self.pos > JSON_READ_BYTES:          # drop what has been parsed
             self.lines_before += self.buf.count("\n", 0, self.pos)
             self.buf, self.pos = self.buf[self.pos:], 0
         got = 0
-        while got < at_least:
+        while got < max(at_least, 1):
             raw = next(self.blocks, None)
             try:
                 self.buf += self.decoder.decode(raw or b"", final=raw is None)
@@ -182,7 +184,7 @@ def _json_array(source: Source, field: str):
         raise UserError(f"input {source.name} line {reader.line()}: expected a JSON array of "
                         f"objects (or JSON Lines), found {first or 'the end of the file'!r}")
     reader.pos += 1
-    element, done_bytes, want = 0, 0, BLOCK_BYTES
+    element, done_bytes, want = 0, 0, JSON_READ_BYTES
     if reader.skip_space() == "]":
         reader.pos += 1
     else:
@@ -196,7 +198,7 @@ def _json_array(source: Source, field: str):
                     continue
                 raise UserError(f"input {source.name} line {reader.line(err.pos)}: not valid "
                                 f"JSON ({err.msg})") from None
-            want = BLOCK_BYTES
+            want = JSON_READ_BYTES
             text = text_of(record, field, lambda: f"input {source.name} element {element} "
                                                   f"(line {reader.line(start)})")
             reader.pos = end
