@@ -48,8 +48,9 @@ class TensorBoardWriter:
             raise UserError("train.tensorboard = true needs the tensorboardX package "
                             "(pip install 'hpcps[tensorboard]')") from None
         self.inner = inner
+        # the pid in the file name: a restart within the same second gets its own file
         self.events = SummaryWriter(logdir=tensorboard_dir(run_dir), purge_step=purge_step,
-                                    flush_secs=10)
+                                    flush_secs=10, filename_suffix=f".{os.getpid()}")
 
     def write(self, record: dict) -> None:
         self.inner.write(record)
