@@ -4,6 +4,9 @@ its MPI rank (from the launcher's environment). Used by the benchmarks to measur
 every rank of an ``mpirun`` job, which ``wait4`` on ``mpirun`` cannot see:
 
     mpirun -n 2 python benchmarks/peak_rss.py DIR -m mpi4py -m hpcps prepare ...
+
+``--limit-as-mb N`` first caps the process's address space (``RLIMIT_AS``) at N MiB:
+an allocation beyond it fails, so the run shows what fits in that memory.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import resource
 import runpy
 import sys
 
@@ -33,7 +37,12 @@ def launcher_rank() -> int:
 
 
 def main() -> None:
-    out_dir, args = sys.argv[1], sys.argv[2:]
+    args = sys.argv[1:]
+    if args[0] == "--limit-as-mb":
+        limit = int(float(args[1]) * 2**20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        args = args[2:]
+    out_dir, args = args[0], args[1:]
     os.makedirs(out_dir, exist_ok=True)
 
     def report() -> None:
