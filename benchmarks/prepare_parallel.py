@@ -4,7 +4,8 @@ Builds a JSON Lines corpus of about ``--size-mb`` MB in a temporary directory: t
 built-in corpus (the standard library's modules, one record each) repeated, each
 repetition in its own seeded random order. Then, per tokenizer, runs the
 one-process prepare and ``mpirun -n N python -m mpi4py -m hpcps prepare`` (MPICH),
-and reports input MB/s, every rank's peak RSS (``benchmarks/peak_rss.py``) and
+and reports input MB/s, the CPU seconds of all ranks, the machine's load average
+after the run, every rank's peak RSS (``benchmarks/peak_rss.py``) and
 whether the parallel corpus equals the one-process corpus (split digests, split
 point and the tokenizer).
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -65,12 +67,20 @@ def run_prepare(inp: Path, out: Path, tokenizer: str, ranks: int, rss_dir: Path)
     else:
         cmd = [mpirun(), "-n", str(ranks), sys.executable, *program, "-m", "mpi4py", "-m", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-    return {"seconds": seconds, "ranks_rss_mb": [r["peak_rss_mb"] for r in read_reports(rss_dir)]}
+    return {"seconds": seconds, "cpu_s": _children_cpu() - cpu_before,
+            "ranks_rss_mb": [r["peak_rss_mb"] for r in read_reports(rss_dir)]}
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of all finished descendants (mpirun reaps its ranks)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def fingerprint(path: Path) -> tuple:
@@ -103,6 +113,8 @@ def main() -> int:
                 reference = reference or same
                 rows.append({"tokenizer": kind, "ranks": ranks, "input_mb": round(n_bytes / 1e6, 1),
                              "seconds": round(measured["seconds"], 1),
+                             "cpu_s": round(measured["cpu_s"], 1),
+                             "load_avg_1min": round(os.getloadavg()[0], 1),
                              "mb_per_s": round(n_bytes / 1e6 / measured["seconds"], 2),
                              "peak_rss_mb_per_rank": measured["ranks_rss_mb"],
                              "equals_first": same == reference})
@@ -114,7 +126,8 @@ def main() -> int:
         else:
             worst = max(row["peak_rss_mb_per_rank"])
             print(f"{row['tokenizer']:>8} x{row['ranks']}: {row['input_mb']:.0f} MB in "
-                  f"{row['seconds']:.1f} s ({row['mb_per_s']:.2f} MB/s), peak RSS per rank "
+                  f"{row['seconds']:.1f} s ({row['mb_per_s']:.2f} MB/s, {row['cpu_s']:.1f} CPU s, "
+                  f"load {row['load_avg_1min']}), peak RSS per rank "
                   f"{row['peak_rss_mb_per_rank']} MB (target <= {TARGET_RSS_MB}: "
                   f"{'ok' if worst <= TARGET_RSS_MB else 'OVER'}), equals the first run: "
                   f"{row['equals_first']}")

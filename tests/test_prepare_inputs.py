@@ -116,6 +116,10 @@ def test_json_file_holding_json_lines_and_text_field(tmp_path):
     assert Read(out).text == f"one{EOT_TEXT}two{EOT_TEXT}"
     with pytest.raises(UserError, match=r"lines.json line 1: no 'text' field \(fields: id, body"):
         prepare([str(tmp_path / "lines.json")], str(tmp_path / "d.h5"), quiet=True)
+    # a byte order mark before a JSON array is not an error
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf[{"text": "one"}, {"text": "two"}]')
+    prepare([str(tmp_path / "bom.json")], str(tmp_path / "bom.h5"), tokenizer="byte", quiet=True)
+    assert Read(tmp_path / "bom.h5").text == f"one{EOT_TEXT}two{EOT_TEXT}"
 
 
 @settings(max_examples=40, deadline=None)
@@ -192,6 +196,7 @@ def _write_bad_inputs(root):
     (root / "nofield.jsonl").write_text('{"text": "a"}\n\n{"body": "b", "id": 3}\n')
     (root / "number.jsonl").write_text('{"text": "a"}\n{"text": 7}\n')
     (root / "notobject.jsonl").write_text('["text"]\n')
+    (root / "surrogate.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud800 x"}\n')
     (root / "element.json").write_text('[\n {"text": "a"},\n {"txt": "b"}\n]')
     (root / "truncated.json").write_text('[\n {"text": "a"},\n {"text": "b"')
     (root / "scalar.json").write_text('"just a string"')
@@ -227,6 +232,9 @@ BAD = {  # case: (args, fragments of the one error line, package the case needs)
     "jsonl record not an object": (["notobject.jsonl"],
                                    ["notobject.jsonl line 1: expected a JSON object, got an array"],
                                    None),
+    "jsonl lone surrogate": (["surrogate.jsonl"],
+                             ["surrogate.jsonl line 2: 'text' holds the lone surrogate U+D800"],
+                             None),
     "json element without the field": (["element.json"],
                                        ["input element.json element 1 (line 3): no 'text' field"],
                                        None),

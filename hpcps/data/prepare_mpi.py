@@ -168,11 +168,12 @@ def _encode(comm, job, units: list, tok: Tokenizer, tmp_parts: str, label: str):
             raise
         if n == 0:
             os.remove(path)             # nothing to map
-        return n, counts, hashes
+        return (n, counts, hashes), writer
     return _shared_phase(comm, job, label, work)
 
 
-def _assemble(job, tok: Tokenizer, gathered: list, tmp_parts: str) -> tuple[int, int]:
+def _assemble(job, tok: Tokenizer, gathered: list, tmp_parts: str,
+              own: PartWriter) -> tuple[int, int]:
     """Rank 0: write the corpus file over the parts and put both in place; returns
     (train tokens, val tokens)."""
     counts = [n for n, _, _ in gathered]
@@ -186,7 +187,7 @@ def _assemble(job, tok: Tokenizer, gathered: list, tmp_parts: str) -> tuple[int,
         hashes.update(rank_hashes)
     used = [(rank, n) for rank, n in enumerate(counts) if n]
     stats = split_stats([os.path.join(tmp_parts, part_name(r)) for r, _ in used],
-                        [n for _, n in used], split_at)
+                        [n for _, n in used], split_at, own if used and used[0][0] == 0 else None)
     rel = os.path.basename(parts_dir(job.out))
     tmp_file = job.out + TMP_SUFFIX
     attrs = {**job.attrs, "n_parts": len(used)}
@@ -221,9 +222,9 @@ def prepare_parallel(comm, inputs, out, tokenizer, vocab_size, val_fraction, ove
         comm.Barrier()
         label = "prepare 2/2 encode" if job.kind == "char" else (
             "prepare 2/3 encode" if job.kind == "bpe" else "prepare encode")
-        mine = _encode(comm, job, units, tok, tmp_parts, label)
+        mine, writer = _encode(comm, job, units, tok, tmp_parts, label)
         gathered = comm.gather(mine, root=0)
-        split = _phase(comm, lambda: _assemble(job, tok, gathered, tmp_parts)
+        split = _phase(comm, lambda: _assemble(job, tok, gathered, tmp_parts, writer)
                        if rank == 0 else None)
         published = True
     finally:

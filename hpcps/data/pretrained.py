@@ -51,10 +51,12 @@ class HFTokenizer(BPETokenizer):
 
 def _hf_cut_rule(spec: dict) -> str:
     """``regex`` only for the GPT-2 family (no normalizer, a ByteLevel pre-tokenizer
-    with its regex), where the safe cut points provably keep the ids; any other
-    pipeline (SentencePiece-style prefixes, normalizers) encodes documents whole."""
+    with its regex and no prefix space), where the safe cut points provably keep the
+    ids; any other pipeline (a space or SentencePiece prefix added to every encoded
+    text, normalizers) encodes documents whole."""
     pre = spec.get("pre_tokenizer") or {}
-    byte_level = pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+    byte_level = (pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                  and not pre.get("add_prefix_space", False))
     return "regex" if byte_level and not spec.get("normalizer") else "none"
 
 

@@ -52,6 +52,12 @@ def text_of(record, field: str, where: Callable[[], str]) -> str:
     if not isinstance(value, str):
         raise UserError(f"{where()}: '{field}' is {_JSON_TYPES.get(type(value), 'not text')}, "
                         f"not a string")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:   # JSON can spell a lone surrogate: "\ud800"
+            raise UserError(f"{where()}: '{field}' holds the lone surrogate "
+                            f"U+{ord(value[err.start]):04X}, which is not text") from None
     return value
 
 
@@ -122,7 +128,7 @@ class _JsonText:
     def __init__(self, source: Source):
         self.source = source
         self.blocks = read_blocks(source.path, JSON_READ_BYTES)
-        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()   # a BOM is not JSON
         self.buf = ""
         self.pos = 0
         self.lines_before = 1       # line number of buf[0]

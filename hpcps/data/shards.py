@@ -34,7 +34,9 @@ def part_name(rank: int) -> str:
 
 
 class PartWriter:
-    """One rank's tokens, appended in whole chunks to a dataset that grows."""
+    """One rank's tokens, appended in whole chunks to a dataset that grows; keeps the
+    running sha256 and range of what it wrote (rank 0's part starts the stream, so
+    its digest is the start of the train split's)."""
 
     def __init__(self, path: str, dtype):
         import h5py
@@ -47,6 +49,9 @@ class PartWriter:
         self.buf = np.empty(CHUNK_TOKENS, dtype=self.dtype)
         self.fill = 0
         self.n_tokens = 0
+        self.sha = hashlib.sha256()
+        self.min: Optional[int] = None
+        self.max: Optional[int] = None
 
     def write(self, ids: np.ndarray) -> None:
         while len(ids):
@@ -59,10 +64,15 @@ class PartWriter:
 
     def _flush(self) -> None:
         if self.fill:
+            block = self.buf[:self.fill]
             self.dset.resize((self.n_tokens + self.fill,))
-            self.dset[self.n_tokens:] = self.buf[:self.fill]
+            self.dset[self.n_tokens:] = block
             self.n_tokens += self.fill
             self.fill = 0
+            self.sha.update(block.data)
+            lo, hi = int(block.min()), int(block.max())
+            self.min = lo if self.min is None else min(self.min, lo)
+            self.max = hi if self.max is None else max(self.max, hi)
 
     def close(self) -> int:
         self._flush()
@@ -87,16 +97,23 @@ def _ranges(counts: list) -> list:
     return out
 
 
-def split_stats(part_paths: list, counts: list, split_at: int) -> dict:
+def split_stats(part_paths: list, counts: list, split_at: int,
+                first: Optional[PartWriter] = None) -> dict:
     """n_tokens, min/max and sha256 of each split, read from the parts in order (the
-    sha256 of a split cannot be put together from per-part digests)."""
+    sha256 of a split cannot be put together from per-part digests). ``first``: the
+    writer of the first part, when it is wholly train: its digest and range are used
+    instead of reading that part again."""
     import h5py
     total = sum(counts)
     bounds = {"train": (0, split_at), "val": (split_at, total)}
     sha = {name: hashlib.sha256() for name in SPLITS}
     lo: dict = {name: None for name in SPLITS}
     hi: dict = {name: None for name in SPLITS}
-    for path, (start, stop) in zip(part_paths, _ranges(counts)):
+    skip = 0
+    if first is not None and counts and first.n_tokens == counts[0] <= split_at:
+        sha["train"], lo["train"], hi["train"] = first.sha.copy(), first.min, first.max
+        skip = 1
+    for path, (start, stop) in list(zip(part_paths, _ranges(counts)))[skip:]:
         if start == stop:
             continue
         with h5py.File(path, "r") as fh:
