@@ -48,7 +48,9 @@ def main() -> None:
     def report() -> None:
         path = os.path.join(out_dir, f"rss-{os.getpid()}.json")
         with open(path, "w", encoding="utf-8") as fh:
-            json.dump({"rank": launcher_rank(), "peak_rss_mb": round(peak_rss_mb(), 1)}, fh)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            json.dump({"rank": launcher_rank(), "peak_rss_mb": round(peak_rss_mb(), 1),
+                       "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}, fh)
 
     atexit.register(report)
     if args[0] == "-m":

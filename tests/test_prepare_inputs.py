@@ -223,7 +223,7 @@ def _write_bad_inputs(root):
 
 BAD = {  # case: (args, fragments of the one error line, package the case needs)
     "jsonl line not JSON": (["notjson.jsonl"],
-                            ["input notjson.jsonl line 3: not valid JSON (Expecting value"], None),
+                            ["input notjson.jsonl line 3: not valid JSON at column 10 (Expecting value)"], None),
     "jsonl record without the field": (["nofield.jsonl"],
                                        ["input nofield.jsonl line 3: no 'text' field",
                                         "(fields: body, id;"], None),

@@ -13,7 +13,6 @@ import pytest
 from hpcps.data.corpus import Corpus
 from hpcps.data.inputs import resolve_inputs
 from hpcps.data.plan import rank_units
-from hpcps.data.prepare import prepare
 from hpcps.errors import UserError
 from mpi_util import check_ok, run_mpi
 

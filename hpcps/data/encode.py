@@ -133,7 +133,7 @@ def _hashed(blocks, sha):
         yield block
 
 
-def fused_hash(source: Source, unit: Unit) -> Optional["hashlib._Hash"]:
+def fused_hash(source: Source, unit: Unit):
     """A sha256 to feed while reading when this unit reads the whole file as raw
     blocks; None when the file is hashed separately (``source_hash``)."""
     return hashlib.sha256() if unit.whole and source.fmt == "text" else None

@@ -283,6 +283,7 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: Optional[str] = None,
     check on the arguments and the output path runs before any input is read. With an
     MPI communicator of more than one rank, every rank must call this together."""
     if comm is not None and comm.Get_size() > 1:
+        # prepare_mpi builds on this module (a top-level import would be circular)
         from hpcps.data.prepare_mpi import prepare_parallel
         return prepare_parallel(comm, inputs, out, tokenizer, vocab_size, val_fraction,
                                 overwrite, quiet, default_corpus, text_field, tokenizer_file,

@@ -15,8 +15,8 @@ Ranks in rank order cover the input in order, so the token stream, the split
 point and ``/documents`` equal the one-process corpus. Errors are agreed at the end
 of every phase (one line from rank 0, exit 2 on every rank) and leave nothing
 behind. Waiting ranks sleep instead of spinning in a blocking collective, and rank
-0 draws one progress line for the whole job from a byte counter that every rank
-adds to with MPI one-sided accumulates.
+0 draws one progress line for the whole job from the byte counts the other ranks
+send it.
 """
 
 from __future__ import annotations
@@ -40,28 +40,25 @@ from hpcps.runtime.mpi import agree_on_errors, mpi
 
 T = TypeVar("T")
 POLL_SECONDS = 0.05           # how often a waiting rank looks whether the others are done
-PUSH_SECONDS = 0.2            # how often a rank adds its bytes to the shared counter
+PUSH_SECONDS = 0.2            # how often a rank reports the bytes it has done
+PROGRESS_TAG = 7411           # message tag of those reports
 
 
 class SharedProgress:
-    """One progress line for the whole job: ranks add the bytes they have done to a
-    counter in rank 0's memory; rank 0 reads it and draws ``Progress``. Collective to
-    create and to ``close``."""
+    """One progress line for the whole job: every other rank sends rank 0 the bytes it
+    has done (small non-blocking messages, so a rank never waits for rank 0, which is
+    busy tokenizing too); rank 0 adds them up and draws ``Progress``. ``close`` is
+    collective."""
 
     def __init__(self, comm, total: int, desc: str, quiet: bool):
-        MPI = mpi()
-        self.MPI = MPI
+        self.MPI = mpi()
         self.comm = comm
         self.rank = comm.Get_rank()
-        self.win = MPI.Win.Allocate(8 if self.rank == 0 else 0, 8, comm=comm)
-        if self.rank == 0:
-            self.win.Lock(0, MPI.LOCK_EXCLUSIVE)
-            self.win.Put(np.zeros(1, np.int64), 0)
-            self.win.Unlock(0)
-        comm.Barrier()                  # the counter is zero before anyone adds to it
         self.progress = Progress(total, desc, quiet) if self.rank == 0 else None
         self.pending = 0
         self.last_push = time.monotonic()
+        self.sends: list = []           # (request, buffer) not yet known to be sent
+        self.finished = 0               # rank 0: ranks whose last message has arrived
 
     def update(self, n: float) -> None:
         self.pending += int(n)
@@ -69,34 +66,39 @@ class SharedProgress:
             self._push()
             self.poll()
 
-    def _push(self) -> None:
+    def _push(self, last: bool = False) -> None:
         self.last_push = time.monotonic()
-        if self.pending:
-            self.win.Lock(0, self.MPI.LOCK_SHARED)
-            self.win.Accumulate(np.array([self.pending], np.int64), 0, op=self.MPI.SUM)
-            self.win.Unlock(0)
-            self.pending = 0
+        if self.rank == 0:
+            self.progress.update(self.pending)
+        elif self.pending or last:
+            message = np.array([self.pending, int(last)], np.int64)
+            self.sends.append((self.comm.Isend(message, dest=0, tag=PROGRESS_TAG), message))
+            self.sends = [(req, buf) for req, buf in self.sends if not req.Test()]
+        self.pending = 0
 
     def poll(self) -> None:
-        """Rank 0: redraw the line from the counter."""
-        if self.progress is None:
+        """Rank 0: add the bytes that arrived and redraw the line."""
+        if self.rank != 0:
             return
-        done = np.zeros(1, np.int64)
-        self.win.Lock(0, self.MPI.LOCK_SHARED)
-        self.win.Get(done, 0)
-        self.win.Unlock(0)
-        self.progress.update(int(done[0]) - self.progress.done)
+        status = self.MPI.Status()
+        message = np.zeros(2, np.int64)
+        while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=PROGRESS_TAG, status=status):
+            self.comm.Recv(message, source=status.Get_source(), tag=PROGRESS_TAG)
+            self.progress.update(int(message[0]))
+            self.finished += int(message[1])
 
     def close(self, ok: bool) -> None:
-        self._push()
-        self.comm.Barrier()             # every rank's bytes are in the counter
-        self.poll()
-        self.win.Free()
-        if self.progress is not None:
-            if ok:
-                self.progress.close()
-            else:
-                self.progress.abandon()
+        self._push(last=True)
+        if self.rank != 0:
+            self.MPI.Request.Waitall([req for req, _ in self.sends])
+            return
+        while self.finished < self.comm.Get_size() - 1:   # every rank's last message
+            self.poll()
+            time.sleep(POLL_SECONDS)
+        if ok:
+            self.progress.close()
+        else:
+            self.progress.abandon()
 
 
 def _sleeping_barrier(comm, poll: Optional[Callable[[], None]] = None) -> None:

@@ -65,7 +65,7 @@ def _line_of(text: str, pattern: str) -> str:
     return f" line {text.count(chr(10), 0, match.start()) + 1}" if match else ""
 
 
-def _largest_id(path: str, text: str, spec: dict) -> tuple[int, str, str]:
+def _largest_id(text: str, spec: dict) -> tuple[int, str, str]:
     """(largest id, its token, ' line N') over the model vocabulary and the added tokens."""
     best = (-1, "", "")
     model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
@@ -103,7 +103,7 @@ def load_tokenizer_file(path: str, eot: Optional[str] = None) -> HFTokenizer:
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise UserError(f"tokenizer file {path} is not a tokenizers tokenizer.json "
                         f"(no 'model' object)")
-    largest, token, line = _largest_id(path, text, spec)
+    largest, token, line = _largest_id(text, spec)
     if largest >= _UINT32_IDS:
         raise UserError(f"tokenizer file {path}{line}: token {token!r} has id {largest}: the "
                         f"vocabulary does not fit uint32 token ids (max {_UINT32_IDS - 1})")

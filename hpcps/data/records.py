@@ -88,7 +88,7 @@ def _json_line(source: Source, line: bytes, field: str, where) -> Optional[str]:
     except UnicodeDecodeError as err:
         raise UserError(f"{where()}: not UTF-8 ({err.reason})") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"{where()}: not valid JSON ({err.msg} at column {err.colno})") from None
+        raise UserError(f"{where()}: not valid JSON at column {err.colno} ({err.msg})") from None
     return text_of(record, field, where)
 
 
