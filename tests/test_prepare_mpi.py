@@ -128,6 +128,32 @@ def test_parallel_error_on_a_later_rank_is_one_line_and_leaves_nothing(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "out.h5"]
 
 
+PROGRESS_EVERY_UPDATE = """
+import functools, sys
+import hpcps.data.prepare_mpi as prepare_mpi
+from hpcps.data.progress import Progress
+prepare_mpi.Progress = functools.partial(Progress, interval=0.0)   # a line per update
+from hpcps.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.mpi
+def test_one_progress_line_for_the_whole_job(tmp_path, inputs):
+    from hpcps.data.progress import format_amount
+    script = tmp_path / "progress_every_update.py"
+    script.write_text(PROGRESS_EVERY_UPDATE)
+    result = check_ok(run_mpi(N_RANKS, ["prepare", inputs, "-o", tmp_path / "c.h5", "--tokenizer",
+                                        "byte"], "mpich", timeout=120,
+                              program=("-m", "mpi4py", str(script))))
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("prepare encode: ") for line in lines), result.stderr
+    assert all("MiB/s, ETA" in line or "KiB/s, ETA" in line for line in lines[:-1])
+    total = sum(p.stat().st_size for p in inputs.iterdir())
+    # the closing line counts every rank's bytes, not only rank 0's share
+    assert lines[-1].startswith(f"prepare encode: {format_amount(total, 'B')} in ")
+
+
 # -- the plan, without MPI ------------------------------------------------------------------
 
 
