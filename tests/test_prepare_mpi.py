@@ -91,7 +91,8 @@ def test_parallel_prepare_equals_one_process(tmp_path, inputs, mpi_impl, kind):
 
 
 @pytest.mark.mpi
-def test_parallel_corpus_moves_with_its_parts_and_a_missing_part_is_named(tmp_path, inputs):
+def test_parallel_corpus_moves_with_its_parts_and_damage_is_named(tmp_path, inputs, capsys):
+    from hpcps.cli import main
     out = tmp_path / "c.h5"
     check_ok(run_mpi(2, ["prepare", inputs, "-o", out, "-q", "--tokenizer", "byte"], "mpich",
                      timeout=120))
@@ -102,6 +103,19 @@ def test_parallel_corpus_moves_with_its_parts_and_a_missing_part_is_named(tmp_pa
     ids = read(moved / "c.h5")["ids"]
     with h5py.File(moved / "c.h5", "r") as fh:
         assert fh["train/tokens"].is_virtual
+    assert main(["inspect", str(moved / "c.h5")]) == 0
+    assert "parts      2 part file(s) in " in capsys.readouterr().out
+    # bytes flipped inside a part fail its fletcher32 checksum, read through the corpus
+    part = moved / "c.h5.parts" / "part-00000.h5"
+    backup = part.read_bytes()
+    with h5py.File(part, "r") as fh:
+        offset = fh["tokens"].id.get_chunk_info(0).byte_offset
+    with open(part, "r+b") as fh:
+        fh.seek(offset + 10)
+        fh.write(b"\xff\xff")
+    assert main(["inspect", str(moved / "c.h5")]) == 2
+    assert "fails its checksums in /train/tokens (tokens 0.." in capsys.readouterr().err
+    part.write_bytes(backup)
     (moved / "c.h5.parts" / "part-00001.h5").unlink()
     with pytest.raises(UserError, match=r"part file c.h5.parts/part-00001.h5 of /(train|val)/"
                                         r"tokens is missing"):
