@@ -171,8 +171,8 @@ def test_tiktoken_cut_before_newline_after_punctuation_changes_ids(cl100k):
 
 
 def test_stored_tiktoken_decodes_without_the_package(cl100k, monkeypatch):
-    from hpcps.data.pretrained import TiktokenTokenizer
-    spec = TiktokenTokenizer.load("cl100k_base").to_json()
+    from hpcps.data.pretrained import load_tiktoken
+    spec = load_tiktoken("cl100k_base").to_json()
     ids = cl100k.encode_ordinary(DOCS[0] + DOCS[2]) + [cl100k.eot_token]
     real_import = builtins.__import__
 

@@ -82,6 +82,7 @@ def format_text(info: dict) -> str:
 def run(args) -> int:
     import json
 
+    # imported when the command runs, so that `hpcps --help` stays fast
     from hpcps.data.corpus import Corpus
     with Corpus.open(args.file) as corpus:
         info = summarize(corpus, verify=not args.no_verify)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hpcps.errors import UserError
+
 NAME = "prepare"
 HELP = "Tokenize text, JSON Lines, Parquet or datasets files into an HDF5 token corpus."
 EXAMPLE = "hpcps prepare shakespeare.txt -o shakespeare.h5 --tokenizer char"
@@ -68,8 +70,8 @@ def add_arguments(parser) -> None:
 
 
 def _run_catalogs(args) -> int:
+    # imported when the command runs, so that `hpcps --help` stays fast
     from hpcps.data import build_mo
-    from hpcps.errors import UserError
     if args.parallel and args.langid:
         raise UserError("give --parallel or --langid, not both")
     if args.inputs or args.default_corpus:
@@ -92,18 +94,23 @@ def run(args) -> int:
     if args.parallel or args.langid:
         return _run_catalogs(args)
     import sys
-
-    from hpcps.data.prepare import prepare
-    comm = None
+    options = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, overwrite=args.overwrite,
+                   quiet=getattr(args, "quiet", False), default_corpus=args.default_corpus,
+                   text_field=args.text_field, tokenizer_file=args.tokenizer_file,
+                   tiktoken=args.tiktoken, eot_token=args.eot_token)
     if "mpi4py.run" in sys.modules:     # launched as `python -m mpi4py -m hpcps prepare ...`
+        # MPI is started only here: a plain `hpcps prepare` never loads it
         from hpcps.runtime.mpi import world
         comm = world()
-    result = prepare(args.inputs, args.output, tokenizer=args.tokenizer,
-                     vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                     overwrite=args.overwrite, quiet=getattr(args, "quiet", False),
-                     default_corpus=args.default_corpus, text_field=args.text_field,
-                     tokenizer_file=args.tokenizer_file, tiktoken=args.tiktoken,
-                     eot_token=args.eot_token, comm=comm)
-    if comm is None or comm.Get_rank() == 0:
-        print(result.summary())
+        if comm.Get_size() > 1:
+            # imported when the command runs, so that `hpcps --help` stays fast
+            from hpcps.data.prepare_mpi import prepare_parallel
+            result = prepare_parallel(comm, args.inputs, args.output, **options)
+            if comm.Get_rank() == 0:
+                print(result.summary())
+            return 0
+    # imported when the command runs, so that `hpcps --help` stays fast
+    from hpcps.data.prepare import prepare
+    print(prepare(args.inputs, args.output, **options).summary())
     return 0

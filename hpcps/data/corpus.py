@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from hpcps import __version__
 from hpcps.data.tokenizer import Tokenizer, token_dtype_for
 from hpcps.errors import UserError
 
@@ -69,7 +70,6 @@ class Document:
 def root_attrs(tokenizer: Tokenizer, n_tokens: int, split_at: int,
                extra: Optional[dict] = None) -> dict:
     """The root attributes of a token corpus (one file or split over part files)."""
-    from hpcps import __version__
     attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "lm",
              "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.to_json(),
              "created_by": f"hpcps {__version__}",

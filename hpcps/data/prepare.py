@@ -12,8 +12,8 @@ record at a time (``hpcps.data.inputs``, ``hpcps.data.records``), encoded by
 
 When the token count is not known before encoding (bpe, pretrained, byte over
 records), tokens go to a scratch file next to the output first and are then
-copied into the corpus. Under MPI with more than one rank, ``hpcps.data.prepare_mpi``
-runs the same passes over disjoint parts of the input.
+copied into the corpus. ``hpcps.data.prepare_mpi`` runs the same passes on many MPI
+ranks, each over its own part of the input.
 
 Documents are concatenated in input order. A plain-text corpus with a built-in
 tokenizer has nothing between documents (nanoGPT's layout); a corpus with record
@@ -31,9 +31,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from hpcps.data.corpus import CorpusWriter
 from hpcps.data.encode import DocumentEncoder, encode_unit, scan_chars, training_texts
 from hpcps.data.inputs import Source, resolve_inputs, utf8_blocks  # noqa: F401 - re-exported API
 from hpcps.data.plan import whole_units
+from hpcps.data.pretrained import load_tiktoken, load_tokenizer_file
 from hpcps.data.progress import Progress
 from hpcps.data.shards import corpus_documents, parts_dir
 from hpcps.data.tokenizer import (DEFAULT_BPE_VOCAB, EOT_TEXT, KINDS, MIN_BPE_VOCAB, BPETokenizer,
@@ -141,10 +143,9 @@ def load_pretrained(tokenizer: Optional[str], vocab_size: Optional[int],
     if vocab_size is not None:
         raise UserError("--vocab-size does not apply to a pretrained tokenizer (its vocabulary "
                         "is fixed)")
-    from hpcps.data.pretrained import TiktokenTokenizer, load_tokenizer_file
     if tokenizer_file is not None:
         return load_tokenizer_file(tokenizer_file, eot_token)
-    return TiktokenTokenizer.load(tiktoken)
+    return load_tiktoken(tiktoken)
 
 
 def split_point(n_tokens: int, val_fraction: float) -> int:
@@ -225,7 +226,6 @@ def remove_stale_parts(out: str) -> None:
 
 def _write_known(job: Job, tok, n_tokens: int, units: list, label: str):
     """Encode straight into the corpus (the token count is known)."""
-    from hpcps.data.corpus import CorpusWriter
     with CorpusWriter(job.out, tok, n_tokens, split_point(n_tokens, job.val_fraction),
                       job.attrs) as writer, Progress(job.total, label, job.quiet) as progress:
         counts, hashes = encode_units(job, units, tok, writer.write, progress)
@@ -236,7 +236,6 @@ def _write_known(job: Job, tok, n_tokens: int, units: list, label: str):
 
 def _write_via_scratch(job: Job, tok, units: list, label: str):
     """Encode into a scratch file (the token count is only known afterwards), then copy."""
-    from hpcps.data.corpus import CorpusWriter
     dtype = token_dtype_for(tok.vocab_size)
     scratch = job.out + ".tokens.tmp"
     try:
@@ -277,17 +276,10 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: Optional[str] = None,
             vocab_size: Optional[int] = None, val_fraction: float = 0.1,
             overwrite: bool = False, quiet: bool = False, default_corpus: bool = False,
             text_field: Optional[str] = None, tokenizer_file: Optional[str] = None,
-            tiktoken: Optional[str] = None, eot_token: Optional[str] = None,
-            comm=None) -> PrepareResult:
-    """Build the corpus ``out`` from ``inputs`` (``tokenizer`` defaults to char). Every
-    check on the arguments and the output path runs before any input is read. With an
-    MPI communicator of more than one rank, every rank must call this together."""
-    if comm is not None and comm.Get_size() > 1:
-        # prepare_mpi builds on this module (a top-level import would be circular)
-        from hpcps.data.prepare_mpi import prepare_parallel
-        return prepare_parallel(comm, inputs, out, tokenizer, vocab_size, val_fraction,
-                                overwrite, quiet, default_corpus, text_field, tokenizer_file,
-                                tiktoken, eot_token)
+            tiktoken: Optional[str] = None, eot_token: Optional[str] = None) -> PrepareResult:
+    """Build the corpus ``out`` from ``inputs`` in this process (``tokenizer`` defaults
+    to char; ``hpcps.data.prepare_mpi.prepare_parallel`` is the same on many ranks).
+    Every check on the arguments and the output path runs before any input is read."""
     started = time.monotonic()
     job, skipped = make_job(inputs, out, tokenizer, vocab_size, val_fraction, overwrite, quiet,
                             default_corpus, text_field, tokenizer_file, tiktoken, eot_token)

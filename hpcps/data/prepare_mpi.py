@@ -200,10 +200,11 @@ def _assemble(job, tok: Tokenizer, gathered: list, tmp_parts: str,
     return split_at, n_tokens - split_at
 
 
-def prepare_parallel(comm, inputs, out, tokenizer, vocab_size, val_fraction, overwrite, quiet,
-                     default_corpus, text_field, tokenizer_file, tiktoken,
-                     eot_token) -> PrepareResult:
-    """``prepare`` on every rank of ``comm`` together (see the module docstring)."""
+def prepare_parallel(comm, inputs, out, tokenizer=None, vocab_size=None, val_fraction=0.1,
+                     overwrite=False, quiet=False, default_corpus=False, text_field=None,
+                     tokenizer_file=None, tiktoken=None, eot_token=None) -> PrepareResult:
+    """``prepare`` on every rank of ``comm`` together (see the module docstring); every
+    rank returns the result."""
     started = time.monotonic()
     rank, size = comm.Get_rank(), comm.Get_size()
     job, skipped = _phase(comm, lambda: make_job(

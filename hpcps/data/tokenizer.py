@@ -1,7 +1,7 @@
 """Tokenizers stored inside a corpus: ``char`` (nanoGPT's shakespeare_char),
 ``byte`` (raw UTF-8 bytes) and ``bpe`` (byte-level BPE from the ``tokenizers``
-package, imported only when needed), plus the pretrained kinds ``hf`` and
-``tiktoken`` of ``hpcps.data.pretrained``.
+package, imported only when needed), and the pretrained kinds ``hf`` (any
+``tokenizer.json``) and ``tiktoken`` (loaded by ``hpcps.data.pretrained``).
 
 ``to_json()`` is the complete definition, so a corpus decodes without its source
 text; ``Tokenizer.from_json`` rebuilds any kind. Token ids are stored as uint16
@@ -14,6 +14,7 @@ asked (``eot=EOT_TEXT``), so a plain-text char corpus stays exactly nanoGPT's.
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Iterable, Iterator, Optional
 
@@ -127,9 +128,9 @@ class Tokenizer:
             return ByteTokenizer(eot)
         if spec["kind"] == "bpe":
             return BPETokenizer.from_definition(spec)
-        # pretrained.py subclasses the classes here: importing it at the top would be circular
-        from hpcps.data.pretrained import pretrained_from_definition
-        return pretrained_from_definition(spec)
+        if spec["kind"] == "hf":
+            return HFTokenizer.from_definition(spec)
+        return TiktokenTokenizer(spec)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
@@ -314,6 +315,120 @@ class BPETokenizer(Tokenizer):
         arr = _as_ids(ids)
         self._check_range(arr)
         return self._backend.decode(arr.tolist(), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self._definition)
+
+
+class HFTokenizer(BPETokenizer):
+    """Any ``tokenizers`` model from a ``tokenizer.json``: ids are the library's
+    ``encode(text, add_special_tokens=False)``."""
+
+    kind = "hf"
+
+    def __init__(self, backend, definition: dict):
+        super().__init__(backend, definition)
+        if self.eot_id is None:
+            raise UserError("hf tokenizer definition names no end-of-text token ('eot')")
+        # ids need not be contiguous: the vocabulary spans 0..largest id
+        self.vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        self.cut_rule = _hf_cut_rule(definition["tokenizers"])
+
+
+def _hf_cut_rule(spec: dict) -> str:
+    """``regex`` only for the GPT-2 family (no normalizer, a ByteLevel pre-tokenizer
+    with its regex and no prefix space), where the safe cut points provably keep the
+    ids; any other pipeline (a space or SentencePiece prefix added to every encoded
+    text, normalizers) encodes documents whole."""
+    pre = spec.get("pre_tokenizer") or {}
+    byte_level = (pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                  and not pre.get("add_prefix_space", False))
+    return "regex" if byte_level and not spec.get("normalizer") else "none"
+
+
+def require_tiktoken():
+    try:
+        import tiktoken
+    except ImportError:
+        raise UserError("tiktoken tokenizers need the tiktoken package "
+                        "(pip install 'hpcps[data]')") from None
+    return tiktoken
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken encoding rebuilt from its stored definition: ids are
+    ``encode_ordinary(text)`` (a literal ``<|endoftext|>`` in a document is text);
+    decoding uses the stored bytes and needs no package."""
+
+    kind = "tiktoken"
+    cut_rule = "regex"
+
+    def __init__(self, definition: dict, encoding=None):
+        self._definition = definition
+        try:
+            ranks = definition["ranks"]
+            specials = {str(k): int(v) for k, v in definition["special_tokens"].items()}
+            self._pat_str = str(definition["pat_str"])
+            self.eot_text = str(definition["eot"])
+            if not isinstance(ranks, list):
+                raise TypeError
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise UserError("tiktoken tokenizer definition is incomplete or damaged") from None
+        if self.eot_text not in specials:
+            raise UserError(f"tiktoken tokenizer definition lacks its end-of-text token "
+                            f"{self.eot_text!r}")
+        self.vocab_size = max([len(ranks) - 1, *specials.values()]) + 1
+        self.eot_id = specials[self.eot_text]
+        self._specials = specials
+        # built on first use: prepare only encodes, sample mostly decodes
+        self._encoding = encoding
+        self._bytes: Optional[list] = None
+
+    def _table(self) -> list:
+        """id -> bytes (None for an unused id)."""
+        if self._bytes is None:
+            try:
+                table = [None if p is None else base64.b64decode(p, validate=True)
+                         for p in self._definition["ranks"]]
+            except (TypeError, ValueError):
+                raise UserError("tiktoken tokenizer definition has a damaged token") from None
+            table += [None] * (self.vocab_size - len(table))
+            for text, idx in self._specials.items():
+                table[idx] = text.encode("utf-8")
+            self._bytes = table
+        return self._bytes
+
+    def _tiktoken(self):
+        if self._encoding is None:
+            tiktoken = require_tiktoken()
+            specials = set(self._specials.values())
+            ranks = {piece: i for i, piece in enumerate(self._table())
+                     if piece is not None and i not in specials}
+            self._encoding = tiktoken.Encoding(name=self._definition.get("name", "stored"),
+                                               pat_str=self._pat_str, mergeable_ranks=ranks,
+                                               special_tokens=self._specials)
+        return self._encoding
+
+    def encode(self, text: str, dtype=np.int64) -> np.ndarray:
+        return np.asarray(self._tiktoken().encode_ordinary(text), dtype=dtype)
+
+    def encode_batch(self, texts: list, dtype=np.int64) -> list:
+        """Encoded by tiktoken's thread pool."""
+        if not texts:
+            return []
+        return [np.asarray(ids, dtype=dtype)
+                for ids in self._tiktoken().encode_ordinary_batch(texts)]
+
+    def decode(self, ids) -> str:
+        arr = _as_ids(ids)
+        self._check_range(arr)
+        table = self._table()
+        try:
+            raw = b"".join([table[i] for i in arr.tolist()])
+        except TypeError:                  # None: an id between the ranks and the specials
+            bad = next(i for i in arr.tolist() if table[i] is None)
+            raise UserError(f"token id {bad} is not in the tiktoken vocabulary") from None
+        return raw.decode("utf-8", errors="replace")
 
     def to_json(self) -> str:
         return json.dumps(self._definition)

@@ -156,7 +156,7 @@ def make_lead_io(s, quiet: bool):
     keep_through = s.resume.step - 1 if s.resume is not None else None
     writer = MetricsWriter(s.cfg.out_dir, keep_through)
     if s.cfg.train.tensorboard:     # also TensorBoard events; a resume purges the redone steps
-        from hpcps.metrics.tensorboard import TensorBoardWriter
+        from hpcps.metrics.tensorboard import TensorBoardWriter  # its library is optional
         writer = TensorBoardWriter(writer, s.cfg.out_dir,
                                    None if keep_through is None else keep_through + 1)
     progress = ProgressLine(s.cfg.train.max_steps, s.cfg.train.log_every, quiet)
