@@ -2,14 +2,15 @@
 
 Builds a JSON Lines corpus of about ``--size-mb`` MB in a temporary directory: the
 built-in corpus (the standard library's modules, one record each) repeated, each
-repetition in its own seeded random order. Then, per tokenizer, runs the
-one-process prepare and ``mpirun -n N python -m mpi4py -m hpcps prepare`` (MPICH),
-and reports input MB/s, the CPU seconds of all ranks, the machine's load average
-after the run, every rank's peak RSS (``benchmarks/peak_rss.py``) and
-whether the parallel corpus equals the one-process corpus (split digests, split
-point and the tokenizer).
+repetition in its own seeded random order. Then, per tokenizer, runs interleaved
+pairs of the one-process prepare and ``mpirun -n N python -m mpi4py -m hpcps
+prepare`` (MPICH), alternating which goes first, and reports the median input
+MB/s of each, the median of the per-pair speed-ups, the CPU seconds of all ranks
+(the same work whatever the machine's load), every rank's peak RSS
+(``benchmarks/peak_rss.py``), the load average, and whether every corpus was the
+same (split digests, split point and tokenizer).
 
-    python benchmarks/prepare_parallel.py --size-mb 500 --tokenizers byte,tiktoken --ranks 1,2
+    python benchmarks/prepare_parallel.py --size-mb 300 --tokenizers byte,char,tiktoken
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,7 +97,9 @@ def main() -> int:
     parser.add_argument("--size-mb", type=float, default=500, help="input size in MB (1e6 B)")
     parser.add_argument("--tokenizers", default="byte,tiktoken", help="comma-separated: "
                         + ", ".join(TOKENIZER_ARGS))
-    parser.add_argument("--ranks", default="1,2", help="comma-separated rank counts")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks of the parallel runs")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved 1-rank / N-rank pairs, alternating which goes first")
     parser.add_argument("--workdir", default=None, help="where to put the temporary files")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args()
@@ -105,33 +109,45 @@ def main() -> int:
         inp = Path(tmp) / "input.jsonl"
         n_bytes = build_jsonl(inp, int(args.size_mb * 1e6))
         for kind in args.tokenizers.split(","):
-            reference = None
-            for ranks in map(int, args.ranks.split(",")):
-                out = Path(tmp) / f"{kind}-{ranks}.h5"
-                measured = run_prepare(inp, out, kind, ranks, Path(tmp) / "rss")
-                same = fingerprint(out)
-                reference = reference or same
-                rows.append({"tokenizer": kind, "ranks": ranks, "input_mb": round(n_bytes / 1e6, 1),
-                             "seconds": round(measured["seconds"], 1),
-                             "cpu_s": round(measured["cpu_s"], 1),
-                             "load_avg_1min": round(os.getloadavg()[0], 1),
-                             "mb_per_s": round(n_bytes / 1e6 / measured["seconds"], 2),
-                             "peak_rss_mb_per_rank": measured["ranks_rss_mb"],
-                             "equals_first": same == reference})
-                shutil.rmtree(str(out) + ".parts", ignore_errors=True)
-                out.unlink()
+            runs: dict = {1: [], args.ranks: []}
+            prints = set()
+            for repeat in range(args.repeats):
+                order = (1, args.ranks) if repeat % 2 == 0 else (args.ranks, 1)
+                for ranks in order:
+                    out = Path(tmp) / f"{kind}-{ranks}.h5"
+                    measured = run_prepare(inp, out, kind, ranks, Path(tmp) / "rss")
+                    measured["load"] = os.getloadavg()[0]
+                    runs[ranks].append(measured)
+                    prints.add(fingerprint(out))
+                    shutil.rmtree(str(out) + ".parts", ignore_errors=True)
+                    out.unlink()
+            rates = {r: [n_bytes / 1e6 / m["seconds"] for m in ms] for r, ms in runs.items()}
+            rows.append({
+                "tokenizer": kind, "input_mb": round(n_bytes / 1e6, 1), "ranks": args.ranks,
+                "repeats": args.repeats,
+                "mb_per_s_1": round(statistics.median(rates[1]), 2),
+                "mb_per_s_n": round(statistics.median(rates[args.ranks]), 2),
+                "speedup_median": round(statistics.median(
+                    n / one for one, n in zip(rates[1], rates[args.ranks])), 2),
+                "cpu_s_1": round(statistics.median(m["cpu_s"] for m in runs[1]), 1),
+                "cpu_s_n": round(statistics.median(m["cpu_s"] for m in runs[args.ranks]), 1),
+                "peak_rss_mb_1": max(max(m["ranks_rss_mb"]) for m in runs[1]),
+                "peak_rss_mb_n": max(max(m["ranks_rss_mb"]) for m in runs[args.ranks]),
+                "load_avg": round(statistics.median(m["load"] for ms in runs.values()
+                                                    for m in ms), 1),
+                "all_equal": len(prints) == 1})
     for row in rows:
         if args.json:
             print(json.dumps(row))
         else:
-            worst = max(row["peak_rss_mb_per_rank"])
-            print(f"{row['tokenizer']:>8} x{row['ranks']}: {row['input_mb']:.0f} MB in "
-                  f"{row['seconds']:.1f} s ({row['mb_per_s']:.2f} MB/s, {row['cpu_s']:.1f} CPU s, "
-                  f"load {row['load_avg_1min']}), peak RSS per rank "
-                  f"{row['peak_rss_mb_per_rank']} MB (target <= {TARGET_RSS_MB}: "
-                  f"{'ok' if worst <= TARGET_RSS_MB else 'OVER'}), equals the first run: "
-                  f"{row['equals_first']}")
-    return 0 if all(r["equals_first"] for r in rows) else 1
+            n = row["ranks"]
+            print(f"{row['tokenizer']:>8}: {row['input_mb']:.0f} MB, 1 rank {row['mb_per_s_1']:.2f} "
+                  f"MB/s ({row['cpu_s_1']:.1f} CPU s), {n} ranks {row['mb_per_s_n']:.2f} MB/s "
+                  f"({row['cpu_s_n']:.1f} CPU s), median speed-up {row['speedup_median']:.2f}x "
+                  f"over {row['repeats']} pairs, peak RSS per rank {row['peak_rss_mb_1']:.0f} / "
+                  f"{row['peak_rss_mb_n']:.0f} MB (target <= {TARGET_RSS_MB}), load average "
+                  f"{row['load_avg']}, corpora equal: {row['all_equal']}")
+    return 0 if all(r["all_equal"] for r in rows) else 1
 
 
 if __name__ == "__main__":
