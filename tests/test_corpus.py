@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hpcps.data.corpus as corpus_mod
-import hpcps.data.prepare as prepare_mod
+import hpcps.data.encode as encode_mod
+import hpcps.data.inputs as inputs_mod
 from hpcps.data.corpus import Corpus
 from hpcps.data.prepare import Source, prepare, resolve_inputs, split_point, utf8_blocks
 from hpcps.errors import UserError
@@ -53,7 +54,7 @@ def all_tokens(path) -> np.ndarray:
 def small_chunks(monkeypatch):
     """Tiny chunks and blocks so small texts cross every boundary."""
     monkeypatch.setattr(corpus_mod, "CHUNK_TOKENS", 7)
-    monkeypatch.setattr(prepare_mod, "BLOCK_BYTES", 5)
+    monkeypatch.setattr(inputs_mod, "BLOCK_BYTES", 5)
 
 
 @pytest.mark.parametrize("kind", ["char", "byte"])
@@ -130,8 +131,8 @@ def test_char_matches_nanogpt_shakespeare_char(tmp_path):
 def test_bpe_prepare_round_trip_and_whole_document_ids(tmp_path, monkeypatch):
     pytest.importorskip("tokenizers")
     # Small pieces force many cuts; the ids must still equal whole-document encoding.
-    monkeypatch.setattr(prepare_mod, "BPE_PIECE_CHARS", 64)
-    monkeypatch.setattr(prepare_mod, "BLOCK_BYTES", 100)
+    monkeypatch.setattr(encode_mod, "PIECE_CHARS", 64)
+    monkeypatch.setattr(inputs_mod, "BLOCK_BYTES", 100)
     docs = {"x.txt": "def f(x):\n    return  x  +  1\n\n\nclass A:\n    pass\n" * 30,
             "y.txt": "word " * 200 + "\n" + "z" * 300 + "\n  indented\n"}
     paths = write_docs(tmp_path, docs)
@@ -161,7 +162,7 @@ def test_bpe_cut_points_matter_negative_control():
     whole = tok.encode(text).tolist()
     bad = text.index("\n    ") + 2                       # inside "\n    "
     assert tok.encode_many([text[:bad], text[bad:]]).tolist() != whole
-    cut = prepare_mod._safe_cut(text, 0, 40)
+    cut = encode_mod._safe_cut(text, 0, 40)
     assert text[cut] == "\n" and not text[cut - 1].isspace()
     assert tok.encode_many([text[:cut], text[cut:]]).tolist() == whole
 

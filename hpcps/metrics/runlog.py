@@ -20,6 +20,7 @@ from typing import Callable, Optional, TextIO, Union
 
 from hpcps.errors import UserError
 from hpcps.metrics.progress_line import ProgressLine
+from hpcps.metrics.tensorboard import TensorBoardWriter
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
@@ -185,11 +186,15 @@ def write_metrics_csv(records: list[dict], stream: TextIO) -> list[str]:
 
 
 class RunLog:
-    """The lead worker's outputs for each step record: a line in ``metrics.jsonl`` and,
-    every ``train.log_every`` steps, the progress line."""
+    """The lead worker's outputs for each step record: a line in ``metrics.jsonl`` (and
+    TensorBoard events with ``train.tensorboard``) and, every ``train.log_every`` steps,
+    the progress line."""
 
     def __init__(self, cfg, keep_through: Optional[int], quiet: bool):
         self.writer = MetricsWriter(cfg.out_dir, keep_through)
+        if cfg.train.tensorboard:     # also TensorBoard events; a resume purges the redone steps
+            self.writer = TensorBoardWriter(self.writer, cfg.out_dir,
+                                            None if keep_through is None else keep_through + 1)
         self.line = ProgressLine(cfg.train.max_steps, cfg.train.log_every, quiet)
 
     def record(self, record: dict) -> None:

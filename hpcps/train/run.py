@@ -26,6 +26,7 @@ from hpcps.errors import EXIT_FAILURE, EXIT_USAGE, UserError
 from hpcps.gpu import configure
 from hpcps.gpu.transport import AllreduceBuffer, PSDeviceBuffers
 from hpcps.metrics.runlog import RunLog
+from hpcps.metrics.tensorboard import require_tensorboard
 from hpcps.model.blas import rank_core_share, set_blas_threads
 from hpcps.optim import make_optimizer
 from hpcps.optim.schedule import lr_schedule
@@ -84,6 +85,8 @@ def train_main(config_path, overrides, quiet: bool = False) -> int:
 def setup(config_path, overrides, comm, quiet: bool) -> RunContext:
     """Collective: every rank resolves the same config, roles, workload and resume point."""
     cfg = load_config(config_path, overrides)
+    if cfg.train.tensorboard:
+        require_tensorboard()
     digests = comm.allgather(cfg.digest())
     if len(set(digests)) > 1:
         differing = [r for r, d in enumerate(digests) if d != digests[0]]

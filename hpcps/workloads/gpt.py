@@ -21,10 +21,19 @@ from hpcps.workloads.base import Workload
 
 
 def load_split(corpus, name: str, in_memory_mb: int):
-    """The split as an in-RAM array when it fits ``in_memory_mb``, else the lazy HDF5 view."""
+    """The split as an in-RAM array when it fits ``in_memory_mb``, else the lazy HDF5 view
+    (the sampler then reads each window through the corpus's bounded chunk cache, so a
+    split larger than RAM trains in constant memory)."""
     split = corpus.split(name)
     nbytes = split.n_tokens * np.dtype(corpus.token_dtype).itemsize
-    return split.load() if nbytes <= in_memory_mb * 1024 * 1024 else split
+    if nbytes > in_memory_mb * 1024 * 1024:
+        return split
+    try:
+        return split.load()
+    except MemoryError:
+        raise UserError(f"the {name} split of {corpus.path} ({nbytes / 2**20:,.0f} MiB) does not "
+                        f"fit in this process's memory: set data.in_memory_mb below that to read "
+                        f"it from the file instead") from None
 
 
 def open_lm_corpus(cfg, kinds=("lm",)):
