@@ -102,6 +102,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(err, "agreed_rank", 0) == 0:  # an error all ranks agreed on is printed once
             report_user_error(err)
         code = getattr(err, "exit_code", EXIT_USAGE)
+    except OSError as err:
+        if err.filename is None:  # not about a file the user named: a real failure
+            raise
+        # a file problem no check foresaw (a full disk, a path that vanished): one line
+        print(f"hpcps: error: {err.filename}: {err.strerror or err}", file=sys.stderr,
+              flush=True)
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         print("hpcps: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hpcps.export import export_checkpoint
+from hpcps.runtime.files import check_writable
 
 NAME = "export"
 HELP = ("Export a checkpoint: hf-gpt2 (a directory transformers.GPT2LMHeadModel loads; GPT "
@@ -23,6 +24,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_writable(args.output)
     result = export_checkpoint(args.checkpoint, args.format, args.output, args.overwrite)
     what = "files" if args.format == "hf-gpt2" else "arrays"
     print(f"wrote {result.path}: {len(result.files)} {what} from checkpoint step {result.step} "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hpcps.errors import UserError
 from hpcps.metrics.runlog import read_metrics, write_metrics_csv
+from hpcps.runtime.files import check_writable
 from hpcps.runtime.mpi import say
 
 NAME = "metrics"
@@ -22,7 +23,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-
+    if args.output is not None:
+        check_writable(args.output)
     records = read_metrics(args.run_dir, warn=lambda message: say(f"hpcps: warning: {message}"))
     if not records:
         raise UserError(f"{Path(args.run_dir) / 'metrics.jsonl'} has no records")
@@ -38,8 +40,13 @@ def run(args) -> int:
         raise UserError(f"output directory {out.parent} does not exist")
     if out.is_dir():
         raise UserError(f"output {out} is a directory")
-    with open(out, "w", newline="", encoding="utf-8") as fh:
-        columns = write_metrics_csv(records, fh)
+    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")   # a reader never sees half a file
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            columns = write_metrics_csv(records, fh)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     if not getattr(args, "quiet", False):
         print(f"wrote {out}: {len(records)} steps, {len(columns)} columns", file=sys.stderr)
     return 0

@@ -38,9 +38,18 @@ from hpcps.data.plan import whole_units
 from hpcps.data.pretrained import load_tiktoken, load_tokenizer_file
 from hpcps.data.progress import Progress
 from hpcps.data.shards import corpus_documents, parts_dir
-from hpcps.data.tokenizer import (DEFAULT_BPE_VOCAB, EOT_TEXT, KINDS, MIN_BPE_VOCAB, BPETokenizer,
-                                  ByteTokenizer, CharTokenizer, token_dtype_for)
+from hpcps.data.tokenizer import (
+    DEFAULT_BPE_VOCAB,
+    EOT_TEXT,
+    KINDS,
+    MIN_BPE_VOCAB,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    token_dtype_for,
+)
 from hpcps.errors import UserError
+from hpcps.runtime.files import check_writable
 
 COPY_TOKENS = 1 << 22          # scratch -> corpus copy block
 DEFAULT_TEXT_FIELD = "text"
@@ -123,6 +132,7 @@ def check_output(out: str, overwrite: bool) -> None:
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"output directory {parent} does not exist")
+    check_writable(out)
 
 
 def load_pretrained(tokenizer: Optional[str], vocab_size: Optional[int],

@@ -7,12 +7,14 @@ with the non-interactive Agg canvas, so the rest of hpcps never needs it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from hpcps.errors import UserError
 from hpcps.metrics.runlog import PathLike, Warn, read_metrics, run_label
+from hpcps.runtime.files import check_writable
 
 MATPLOTLIB_HINT = "plot needs matplotlib (pip install 'hpcps[plot]')"
 
@@ -106,6 +108,7 @@ def _check_output(out: PathLike, canvas_types: dict) -> Path:
     if suffix not in canvas_types:
         raise UserError(f"cannot write '{path.name}': use one of "
                         f"{', '.join('.' + t for t in sorted(canvas_types))}")
+    check_writable(str(path))
     return path
 
 
@@ -253,7 +256,12 @@ def plot_runs(run_dirs: Sequence[PathLike], out: PathLike,
     handles = [Line2D([], [], color=c, linewidth=2.5) for c in colors]
     fig.legend(handles, [r.label for r in runs], loc="outside upper center",
                ncol=min(len(runs), 4), frameon=False, fontsize=11)
-    fig.savefig(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")   # never half an image
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return drawn
 
 
