@@ -54,23 +54,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="save the measured points here (JSON)")
     parser.add_argument("--from", dest="source", help="use the points saved in this file")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="passes over the grid (interleaved); each point's median is used")
     args = parser.parse_args()
     if args.source:
         points = json.loads(Path(args.source).read_text())["points"]
     else:
-        points = []
+        samples: dict = {point: [] for point in GRID}
         with tempfile.TemporaryDirectory(prefix="hpcps-scaling-") as tmp:
-            for point in GRID:
-                seconds = measure(point, args.steps, args.warmup, Path(tmp))
-                points.append({"workers": point[0], "servers": point[1], "elements": point[2],
-                               "compute_ms": point[3], "path": point[4], "step_s": seconds})
-                print(json.dumps(points[-1]), flush=True)
+            for _ in range(args.repeats):
+                for point in GRID:
+                    samples[point].append(measure(point, args.steps, args.warmup, Path(tmp)))
+                    print(json.dumps({"point": point, "step_s": samples[point][-1]}), flush=True)
+        points = [{"workers": w, "servers": s, "elements": p, "compute_ms": c, "path": path,
+                   "step_s": statistics.median(samples[(w, s, p, c, path)]),
+                   "samples": samples[(w, s, p, c, path)]} for (w, s, p, c, path) in GRID]
         if args.out:
             Path(args.out).write_text(json.dumps({"points": points}, indent=1))
+    # NOLOCAL makes every rank its own MPI node, but all of them share this machine's cores
+    cores = os.cpu_count() or 1
     layouts = [Layout(workers=p["workers"], servers=p["servers"], nodes=1, elements=p["elements"],
-                      compute_s=p["compute_ms"] / 1e3, path=p["path"], cores=2) for p in points]
+                      compute_s=p["compute_ms"] / 1e3, path=p["path"], cores=cores) for p in points]
     measured = [p["step_s"] for p in points]
     train = [i for i in range(len(points)) if i % 3 != 2]
     machine = fit([layouts[i] for i in train], [measured[i] for i in train])

@@ -1,17 +1,21 @@
 """A cost model of one bsp step of the parameter server (docs/scaling.md).
 
-For S server shards of n = P / S elements each and Q pushers (W workers, or one
-leader per node with ``ps.hierarchy = node``), one step costs, on the critical path:
+For S server shards of n = P / S elements, W workers and Q pushers (W, or one leader
+per node with ``ps.hierarchy = node``), with r = ranks per core on a node (ranks that
+share cores wait for one another), one step costs
 
-    T = compute + overhead + k * atomic              (control round trips)
-        + 2 * Q * n * 4 * per_byte                   (Q pushes in and Q pulls out of a shard)
-        + Q * n * decode + n * update                (weighted mean of Q pushes, AdamW)
-        [+ L * P * 4 * node_byte                     (hierarchy: the node's shared-memory reduce)]
+    T = compute + overhead + n * update + Q * n * decode     (the server's optimizer, mean)
+        + 2 * Q * n * 4 * per_byte                           (Q pushes in, Q pulls out of a shard)
+        + S * atomic                                         (a worker's round trips to S shards)
+        + S * r * wait                                       (... each waiting for its target's core)
+        + W * r * serve                                      (a shard serving every worker's atomics)
+        [+ (W / nodes) * P * 4 * node_byte]                  (hierarchy: the node's shared reduce)
 
-``per_byte`` and ``atomic`` depend on the path (shared memory, a network module, a cluster
-link); ``decode`` and ``update`` on the server's CPU. The parameters are fitted to step
-times measured on one machine (``benchmarks/scaling.py``) by least squares on relative
-error; the same formula then predicts other layouts and clusters from their parameters.
+``per_byte``, ``atomic``, ``wait`` and ``serve`` depend on the path (shared memory, a
+network module, a cluster's links); ``update`` and ``decode`` on the server's CPU. The
+parameters are fitted to step times measured on one machine (``benchmarks/scaling.py``)
+by least squares on relative error; the same formula predicts other layouts and, with
+a cluster's parameters, other machines.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-ROUND_TRIPS = 8        # control atomics on a bsp step's critical path (version, gate, flag, ...)
+PATH_TERMS = ("per_byte", "atomic", "wait", "serve")
 
 
 @dataclass(frozen=True)
@@ -31,64 +35,74 @@ class Layout:
     nodes: int
     elements: int              # P, parameters in the flat buffer
     compute_s: float           # forward + backward of one worker's batch
-    path: str                  # a key of Machine.per_byte / atomic: "shm", "net", "cluster"
-    cores: int = 0             # informational
+    path: str                  # "shm", "net", or a cluster's name in Machine's path dicts
+    cores: int                 # cores per node
     hierarchy: bool = False
 
     @property
     def pushers(self) -> int:
         return self.nodes if self.hierarchy else self.workers
 
+    @property
+    def ranks_per_core(self) -> float:
+        """How many ranks share a core (at least 1: a rank cannot have more than a core)."""
+        return max(1.0, (self.workers + self.servers) / (self.nodes * self.cores))
+
 
 @dataclass
 class Machine:
-    """Fitted (or assumed) costs; seconds."""
+    """Fitted (or assumed) costs, in seconds."""
     overhead: float = 0.0
-    update: float = 0.0                  # per shard element (AdamW)
-    decode: float = 0.0                  # per element per push (weighted mean)
-    node_byte: float = 0.0               # per byte of the node-local reduce (hierarchy)
-    per_byte: dict = field(default_factory=dict)   # path -> seconds per byte through a shard
-    atomic: dict = field(default_factory=dict)     # path -> seconds per control round trip
+    update: float = 0.0                   # per shard element (AdamW)
+    decode: float = 0.0                   # per element per push (the weighted mean)
+    node_byte: float = 0.0                # per byte of the node-local reduce (hierarchy)
+    per_byte: dict = field(default_factory=dict)   # path -> per byte into or out of a shard
+    atomic: dict = field(default_factory=dict)     # path -> per worker round trip to a shard
+    wait: dict = field(default_factory=dict)       # path -> ... per rank sharing the target's core
+    serve: dict = field(default_factory=dict)      # path -> per worker served, per rank per core
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def terms(layout: Layout, paths: list[str]) -> np.ndarray:
-    """The model's features, in the order of ``_unpack``: T - compute = terms . params."""
+def features(layout: Layout, paths: list[str]) -> np.ndarray:
+    """T - compute = features . parameters, parameters in the order ``fit`` unpacks."""
     n = layout.elements / layout.servers
-    q = layout.pushers
+    q, s, w, r = layout.pushers, layout.servers, layout.workers, layout.ranks_per_core
     row = [1.0, n, q * n]
-    row += [2.0 * q * n * 4.0 if p == layout.path else 0.0 for p in paths]
-    row += [float(ROUND_TRIPS) if p == layout.path else 0.0 for p in paths]
+    for path in paths:
+        on = float(path == layout.path)
+        row += [on * 2.0 * q * n * 4.0, on * s, on * s * r, on * w * r]
     return np.array(row)
 
 
 def predict_step_s(layout: Layout, m: Machine) -> float:
     n = layout.elements / layout.servers
-    q = layout.pushers
-    t = (layout.compute_s + m.overhead + ROUND_TRIPS * m.atomic[layout.path]
-         + 2.0 * q * n * 4.0 * m.per_byte[layout.path] + q * n * m.decode + n * m.update)
+    q, s, w, r = layout.pushers, layout.servers, layout.workers, layout.ranks_per_core
+    p = layout.path
+    t = (layout.compute_s + m.overhead + n * m.update + q * n * m.decode
+         + 2.0 * q * n * 4.0 * m.per_byte[p] + s * m.atomic[p] + s * r * m.wait[p]
+         + w * r * m.serve[p])
     if layout.hierarchy:
-        per_node = layout.workers / layout.nodes
-        t += per_node * layout.elements * 4.0 * m.node_byte
+        t += (layout.workers / layout.nodes) * layout.elements * 4.0 * m.node_byte
     return t
 
 
 def fit(layouts: list[Layout], measured: list[float]) -> Machine:
-    """Least squares on relative error; parameters kept >= 0."""
+    """Least squares on relative error, every parameter kept >= 0."""
     paths = sorted({x.path for x in layouts})
-    a = np.array([terms(x, paths) for x in layouts])
+    a = np.array([features(x, paths) for x in layouts])
     b = np.array([t - x.compute_s for x, t in zip(layouts, measured)])
     w = 1.0 / np.asarray(measured)
-    params = _nonnegative_lstsq(a * w[:, None], b * w)
-    k = len(paths)
-    return Machine(overhead=params[0], update=params[1], decode=params[2],
-                   per_byte=dict(zip(paths, params[3:3 + k])),
-                   atomic=dict(zip(paths, params[3 + k:3 + 2 * k])))
+    x = _nonnegative_lstsq(a * w[:, None], b * w)
+    m = Machine(overhead=x[0], update=x[1], decode=x[2])
+    for i, path in enumerate(paths):
+        for j, term in enumerate(PATH_TERMS):
+            getattr(m, term)[path] = float(x[3 + 4 * i + j])
+    return m
 
 
-def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray, rounds: int = 20) -> np.ndarray:
+def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray, rounds: int = 30) -> np.ndarray:
     """Least squares with negative coefficients clamped to 0 and refitted (active set)."""
     free = np.ones(a.shape[1], dtype=bool)
     x = np.zeros(a.shape[1])
