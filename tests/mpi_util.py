@@ -214,6 +214,17 @@ def describe(result: subprocess.CompletedProcess) -> str:
             f"{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}")
 
 
+def assert_one_line_error(proc, *fragments) -> str:
+    """Exit 2 and exactly one line on stderr, holding every fragment; returns the line."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 def check_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, describe(result)
     return result

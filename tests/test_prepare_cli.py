@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+from mpi_util import assert_one_line_error
 
 from hpcps.data.corpus import Corpus
 from hpcps.data.progress import Progress, format_amount
@@ -22,16 +23,6 @@ SENTINEL = b"an older corpus that must survive\n"
 def hpcps(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "hpcps", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=110)
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def decode_all(path) -> str:
