@@ -264,9 +264,27 @@ def _check_common(out: str, overwrite: bool, tokenizer: str, vocab_size: Optiona
         raise UserError(f"--max-chars must be at least 1, got {max_chars}")
 
 
+def parallel_tokenizers(kind: str, vocab_size: Optional[int], train: list, pairs: list,
+                        joint: bool) -> dict:
+    """One tokenizer per side, or with ``joint`` one shared by both (trained on both sides'
+    text: a word the translation keeps, such as a program name, has the same ids on both
+    sides). BPE merges are learnt from the train split only, so val text never shapes the
+    vocabulary; char vocabularies cover every pair, so every val string encodes."""
+    sources = train if kind == "bpe" else pairs
+    if joint:
+        if kind != "bpe":
+            raise UserError(f"--joint-vocab needs --tokenizer bpe (a {kind} tokenizer is the "
+                            f"same on both sides only by accident)")
+        shared = make_tokenizer(kind, vocab_size, (text for p in sources for text in p))
+        return {"src": shared, "tgt": shared}
+    return {"src": make_tokenizer(kind, vocab_size, (p[0] for p in sources)),
+            "tgt": make_tokenizer(kind, vocab_size, (p[1] for p in sources))}
+
+
 def build_parallel(out: str, pair: str, mo_root: str = DEFAULT_MO_ROOT, tokenizer: str = "char",
                    vocab_size: Optional[int] = None, val_fraction: float = DEFAULT_VAL_FRACTION,
-                   max_chars: int = DEFAULT_MAX_CHARS, overwrite: bool = False) -> BuildResult:
+                   max_chars: int = DEFAULT_MAX_CHARS, overwrite: bool = False,
+                   joint_vocab: bool = False) -> BuildResult:
     started = time.monotonic()
     src_lang, sep, tgt_lang = pair.partition(":")
     if not sep or not src_lang or not tgt_lang:
@@ -274,8 +292,7 @@ def build_parallel(out: str, pair: str, mo_root: str = DEFAULT_MO_ROOT, tokenize
     _check_common(out, overwrite, tokenizer, vocab_size, val_fraction, max_chars)
     pairs, stats = collect_pairs(mo_root, src_lang, tgt_lang, max_chars)
     train, val = split_by_hash(pairs, lambda p: p[0], val_fraction)
-    toks = {"src": make_tokenizer(tokenizer, vocab_size, (p[0] for p in pairs)),
-            "tgt": make_tokenizer(tokenizer, vocab_size, (p[1] for p in pairs))}
+    toks = parallel_tokenizers(tokenizer, vocab_size, train, pairs, joint_vocab)
     splits = {}
     for name, part in (("train", train), ("val", val)):
         src, tgt = [p[0] for p in part], [p[1] for p in part]
@@ -285,8 +302,9 @@ def build_parallel(out: str, pair: str, mo_root: str = DEFAULT_MO_ROOT, tokenize
     write_sequence_corpus(out, "parallel", splits, toks, {
         "src_lang": src_lang, "tgt_lang": tgt_lang, "source": f"gettext catalogs under {mo_root}",
         "val_fraction": val_fraction, "max_chars": max_chars})
-    detail = (f"en->{tgt_lang} from {stats.describe()}; tokenizers {tokenizer} "
-              f"{toks['src'].vocab_size} / {toks['tgt'].vocab_size}")
+    sizes = (f"joint {toks['src'].vocab_size}" if joint_vocab
+             else f"{toks['src'].vocab_size} / {toks['tgt'].vocab_size}")
+    detail = f"en->{tgt_lang} from {stats.describe()}; tokenizers {tokenizer} {sizes}"
     return BuildResult(out, "parallel", len(train), len(val), detail,
                        time.monotonic() - started)
 

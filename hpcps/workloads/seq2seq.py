@@ -29,6 +29,7 @@ from hpcps.data.sampler import DROPOUT_STREAM, TRAIN_STREAM, offsets, sequence_k
 from hpcps.errors import UserError
 from hpcps.workloads.base import Workload
 
+BUCKET_STREAM = 17                        # which length bucket a step draws from
 SPECIALS = ("pad", "bos", "eos")          # appended to each tokenizer's vocabulary, in order
 DECODE_CHUNK = 32                         # sources decoded together
 BLEU_ORDER = 4
@@ -119,15 +120,23 @@ class Seq2SeqWorkload(Workload):
             if n < 1:
                 raise UserError(f"corpus {cfg.data.path} has no {split_name} pairs")
         self.max_src, self.max_tgt = sc.max_src_len, sc.max_tgt_len
+        if sc.share_embeddings and (corpus.tokenizers["src"].to_json()
+                                    != corpus.tokenizers["tgt"].to_json()):
+            raise UserError(f"seq2seq.share_embeddings needs one tokenizer for both sides, but "
+                            f"corpus {cfg.data.path} has one per side: prepare it with "
+                            f"--joint-vocab or set seq2seq.share_embeddings = false")
         self.model = Seq2Seq(src_vocab=self.src.size, tgt_vocab=self.tgt.size, n_layer=m.n_layer,
                              n_dec_layer=sc.n_dec_layer or m.n_layer, n_head=m.n_head,
                              n_embd=m.n_embd, max_src_len=self.max_src, max_tgt_len=self.max_tgt,
                              bias=m.bias, dropout=m.dropout, tie_embeddings=m.tie_embeddings,
-                             backend=backend)
+                             share_embeddings=sc.share_embeddings,
+                             label_smoothing=sc.label_smoothing, backend=backend)
         self.layout = self.model.layout
         self.seed = cfg.train.seed
         self.dropout = m.dropout
+        self.n_buckets = sc.length_buckets
         self._mean_lengths = None
+        self._buckets = None
 
     # -- data --------------------------------------------------------------------------
 
@@ -144,7 +153,33 @@ class Seq2SeqWorkload(Workload):
         return pad_batch(src_lists, tgt_lists, self.src, self.tgt, self.max_src, self.max_tgt)
 
     def train_batch(self, step, lo, hi):
-        return self.batch_of("train", offsets(self.seed, TRAIN_STREAM, step, lo, hi, self.n_train))
+        return self.batch_of("train", self.train_indices(step, lo, hi))
+
+    def train_indices(self, step: int, lo: int, hi: int) -> np.ndarray:
+        """Train pairs of items [lo, hi) of ``step``. With length buckets, the step first
+        draws one pair uniformly; its bucket (of pairs with similar lengths) supplies every
+        item of the step, so a step pads little. Each pair stays equally likely."""
+        if self.n_buckets <= 1:
+            return offsets(self.seed, TRAIN_STREAM, step, lo, hi, self.n_train)
+        order, bounds = self.length_buckets()
+        anchor = int(offsets(self.seed, BUCKET_STREAM, step, 0, 1, self.n_train)[0])
+        b = int(np.searchsorted(bounds, anchor, side="right")) - 1
+        start, size = bounds[b], bounds[b + 1] - bounds[b]
+        return order[start + offsets(self.seed, TRAIN_STREAM, step, lo, hi, size)]
+
+    def length_buckets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train pair indices sorted by padded length, bucket bounds into that order):
+        ``seq2seq.length_buckets`` buckets of (nearly) equal size."""
+        if self._buckets is None:
+            part = self.corpus.split("train")
+            src = np.minimum(part.lengths("src"), self.max_src - 1)
+            tgt = np.minimum(part.lengths("tgt"), self.max_tgt - 1)
+            # sort by the longer side's cost, then the other: neighbours pad to each other
+            order = np.lexsort((tgt, src + tgt)).astype(np.int64)
+            n = min(self.n_buckets, self.n_train)
+            bounds = np.array([self.n_train * k // n for k in range(n + 1)], dtype=np.int64)
+            self._buckets = (order, bounds)
+        return self._buckets
 
     def mean_lengths(self) -> tuple[float, float]:
         """Mean (source, target) positions of a train pair after truncation, with EOS / BOS."""
@@ -172,6 +207,10 @@ class Seq2SeqWorkload(Workload):
         return loss, float((tgt_out != -1).sum())
 
     def touched_rows(self, batch):
+        if self.model.share_embeddings:
+            if not self.layout["wte"].sparse_rows:
+                return {}
+            return {"wte": np.union1d(batch[0], batch[2])}
         rows = {"enc.wte": np.unique(batch[0])}
         if self.layout["dec.wte"].sparse_rows:
             rows["dec.wte"] = np.unique(batch[2])
@@ -239,7 +278,7 @@ class Seq2SeqWorkload(Workload):
                 "n_layer": m.n_layer, "n_dec_layer": sc.n_dec_layer or m.n_layer,
                 "n_head": m.n_head, "n_embd": m.n_embd, "max_src_len": sc.max_src_len,
                 "max_tgt_len": sc.max_tgt_len, "bias": m.bias,
-                "tie_embeddings": m.tie_embeddings,
+                "tie_embeddings": m.tie_embeddings, "share_embeddings": sc.share_embeddings,
                 "tokenizer_src_sha256": sha["src"], "tokenizer_tgt_sha256": sha["tgt"]}
 
 
