@@ -97,12 +97,8 @@ class Checkpointer:
         if not self.cfg.data.path:
             return None
         try:
-            from hpcps.data.corpus import Corpus
-            corpus = Corpus.open(self.cfg.data.path)
-            try:
-                return corpus.tokenizer.to_json()
-            finally:
-                corpus.close()
+            from hpcps.data.seqcorpus import checkpoint_tokenizer_text
+            return checkpoint_tokenizer_text(self.cfg.data.path)
         except (UserError, OSError):
             return None  # the workload reports an unreadable corpus itself
 

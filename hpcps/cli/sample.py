@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hpcps.cli._inputs import int_at_least
+
 NAME = "sample"
 HELP = ("Generate text from a GPT checkpoint with the tokenizer saved in it (temperature, "
         "top-k; temperature 0 is greedy).")
@@ -9,20 +11,6 @@ EXAMPLE = ('hpcps sample runs/default --prompt "def " --max-new-tokens 200 --tem
            "--top-k 40 --seed 1")
 
 SEPARATOR = "-" * 40   # printed between samples when there are several
-
-
-def _int_at_least(low: int):
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
 
 
 def _temperature(text: str) -> float:
@@ -42,15 +30,15 @@ def add_arguments(parser) -> None:
                         help="a checkpoint directory, or a run directory (its newest checkpoint)")
     parser.add_argument("--prompt", default="\n", metavar="TEXT",
                         help="text to continue (default: a newline)")
-    parser.add_argument("--max-new-tokens", type=_int_at_least(0), default=200, metavar="N",
+    parser.add_argument("--max-new-tokens", type=int_at_least(0), default=200, metavar="N",
                         help="tokens to generate after the prompt (default 200)")
     parser.add_argument("--temperature", type=_temperature, default=0.8, metavar="T",
                         help="divide the logits by T before sampling; 0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=_int_at_least(0), default=200, metavar="K",
+    parser.add_argument("--top-k", type=int_at_least(0), default=200, metavar="K",
                         help="sample among the K most likely tokens; 0 = all (default 200)")
-    parser.add_argument("--seed", type=_int_at_least(0), default=1337, metavar="S",
+    parser.add_argument("--seed", type=int_at_least(0), default=1337, metavar="S",
                         help="random seed: the same seed gives the same text (default 1337)")
-    parser.add_argument("--num-samples", type=_int_at_least(1), default=1, metavar="N",
+    parser.add_argument("--num-samples", type=int_at_least(1), default=1, metavar="N",
                         help="independent samples, separated by a line of '-' (default 1)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="run the model with NumPy (cpu, default) or CuPy (gpu)")

@@ -301,3 +301,24 @@ class SequenceCorpus:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
+
+
+def checkpoint_tokenizer_text(path: str) -> str:
+    """What a checkpoint of a run on corpus ``path`` stores as its tokenizer: the
+    tokenizer of a language-model corpus, the text tokenizer of a classification
+    corpus, and for a parallel corpus both sides as ``{"parallel": {"src": .., "tgt": ..}}``
+    (not a tokenizer itself, so nothing mistakes it for one)."""
+    from hpcps.data.corpus import Corpus
+    try:
+        corpus = SequenceCorpus.open(path)
+    except UserError:
+        lm = Corpus.open(path)          # not a sequence corpus: a language-model corpus
+        try:
+            return lm.tokenizer.to_json()
+        finally:
+            lm.close()
+    with corpus:
+        if corpus.kind == "classification":
+            return corpus.tokenizers["text"].to_json()
+        return json.dumps({"parallel": {field: json.loads(corpus.tokenizers[field].to_json())
+                                        for field in ("src", "tgt")}})
