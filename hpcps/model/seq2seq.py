@@ -85,18 +85,19 @@ def uniform_nll(logits, probs):
     return lse - l2.mean(axis=1)
 
 
-def smooth_loss_and_grad(nll_mean, dlogits, targets, uniform_nll, eps: float):
-    """Turn the mean NLL and its gradient (softmax - onehot) * valid / count, in place,
-    into those of label smoothing: the target distribution (1 - eps) onehot + eps / V.
+def smooth_loss_and_grad(nll_mean, dlogits, targets, uniform_nll, eps: float,
+                         dloss: float = 1.0):
+    """Turn the mean NLL and its gradient dloss * (softmax - onehot) * valid / count, in
+    place, into those of label smoothing: the target distribution (1 - eps) onehot + eps/V.
 
     loss = (1 - eps) NLL + eps * mean_v(-log p_v); the gradient gains
-    eps * (onehot - 1/V) * valid / count.
+    dloss * eps * (onehot - 1/V) * valid / count.
     """
     xp = array_module(dlogits)
     t = targets.reshape(-1)
     valid = t != -1
     count = xp.maximum(valid.sum(), 1).astype(dlogits.dtype)
-    scale = valid.astype(dlogits.dtype) * (dlogits.dtype.type(eps) / count)
+    scale = valid.astype(dlogits.dtype) * (dlogits.dtype.type(eps * dloss) / count)
     rows = xp.arange(dlogits.shape[0])
     dlogits[rows, xp.where(valid, t, 0)] += scale
     dlogits -= (scale / dlogits.shape[1])[:, None]
@@ -162,9 +163,11 @@ class Seq2Seq:
         return self.backend.asarray(self.layout.init_slice(seed))
 
     def forward_backward(self, params, grads, src, src_len, tgt_in, tgt_out,
-                         dropout_keys: Optional[Sequence[int]] = None) -> float:
-        """Overwrite grads with d(mean target-token loss)/d(params); return the loss (with
-        label smoothing when the model has it: the loss the gradient belongs to)."""
+                         dropout_keys: Optional[Sequence[int]] = None,
+                         loss_scale: float = 1.0) -> float:
+        """Overwrite grads with d(loss_scale x mean target-token loss)/d(params); return the
+        mean loss (with label smoothing when the model has it: the loss the gradient
+        belongs to)."""
         src, src_len, tgt_in, tgt_out = self._check_batch(src, src_len, tgt_in, tgt_out)
         self._check_buffer(params, "params")
         self._check_buffer(grads, "grads")
@@ -174,9 +177,10 @@ class Seq2Seq:
         logits, caches = self._forward(P, src, src_len, tgt_in, keys, ws)
         loss, xent = cross_entropy_forward(logits, tgt_out, ws=ws, name="xent")
         smooth = uniform_nll(logits, xent[0]) if self.label_smoothing else None
-        dlogits = cross_entropy_backward(xent)          # overwrites the probabilities
+        dlogits = cross_entropy_backward(xent, loss_scale)   # overwrites the probabilities
         if smooth is not None:
-            loss = smooth_loss_and_grad(loss, dlogits, tgt_out, smooth, self.label_smoothing)
+            loss = smooth_loss_and_grad(loss, dlogits, tgt_out, smooth, self.label_smoothing,
+                                        loss_scale)
         self._backward(G, dlogits, caches, ws)
         return float(loss)
 

@@ -202,9 +202,18 @@ class Seq2SeqWorkload(Workload):
         if self.dropout > 0:
             keys = sequence_keys(self.seed, DROPOUT_STREAM, step, lo, lo + len(src))
         d = self._device
+        n_tokens = float((tgt_out != -1).sum())
+        if self.n_buckets <= 1:
+            loss = self.model.forward_backward(params, grads, d(src), d(src_len), d(tgt_in),
+                                               d(tgt_out), dropout_keys=keys)
+            return loss, n_tokens
+        # A bucket's steps hold many or few tokens; each step still makes one update. So
+        # that a token counts the same in a short step as in a long one, the gradient is
+        # the step's token-summed loss over the tokens a step holds on average.
+        scale = n_tokens / (len(src) * self.mean_lengths()[1])
         loss = self.model.forward_backward(params, grads, d(src), d(src_len), d(tgt_in),
-                                           d(tgt_out), dropout_keys=keys)
-        return loss, float((tgt_out != -1).sum())
+                                           d(tgt_out), dropout_keys=keys, loss_scale=scale)
+        return loss * scale, float(len(src))
 
     def touched_rows(self, batch):
         if self.model.share_embeddings:
