@@ -50,6 +50,12 @@ def add_arguments(parser) -> None:
     catalogs.add_argument("--per-language", type=int, default=None, metavar="N",
                           help="--langid: at most N strings per language (default: as many "
                                "as the smallest language has)")
+    catalogs.add_argument("--tgt-tokenizer", choices=("char", "byte", "bpe"), default=None,
+                          help="--parallel: the target side's tokenizer, when it differs from "
+                               "--tokenizer (which then names the source side's)")
+    catalogs.add_argument("--joint-vocab", action="store_true",
+                          help="--parallel with --tokenizer bpe: one BPE vocabulary for both "
+                               "sides (for seq2seq.share_embeddings)")
 
 
 def _run_catalogs(args) -> int:
@@ -65,8 +71,12 @@ def _run_catalogs(args) -> int:
                   overwrite=args.overwrite)
     if args.parallel:
         result = build_mo.build_parallel(args.output, args.parallel,
-                                         tokenizer=args.tokenizer or "char", **common)
+                                         tokenizer=args.tokenizer or "char",
+                                         tgt_tokenizer=args.tgt_tokenizer,
+                                         joint_vocab=args.joint_vocab, **common)
     else:
+        if args.tgt_tokenizer or args.joint_vocab:
+            raise UserError("--tgt-tokenizer and --joint-vocab apply to --parallel corpora")
         result = build_mo.build_langid(args.output, args.langid, tokenizer=args.tokenizer or "byte",
                                        per_language=args.per_language, **common)
     print(result.summary())
@@ -76,6 +86,9 @@ def _run_catalogs(args) -> int:
 def run(args) -> int:
     if args.parallel or args.langid:
         return _run_catalogs(args)
+    if args.tgt_tokenizer or args.joint_vocab:
+        from hpcps.errors import UserError
+        raise UserError("--tgt-tokenizer and --joint-vocab apply to --parallel corpora")
     from hpcps.data.prepare import prepare
     result = prepare(args.inputs, args.output, tokenizer=args.tokenizer or "char",
                      vocab_size=args.vocab_size, val_fraction=args.val_fraction,
