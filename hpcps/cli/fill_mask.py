@@ -38,14 +38,21 @@ def run(args) -> int:
         pieces = text.split(MASK_TEXT)
         filled = pieces[0] + "".join(fillers[0][0] + piece
                                      for fillers, piece in zip(masks, pieces[1:]))
+        # the text form keeps one line per input: a newline or tab filler is shown escaped
+        shown_filled = pieces[0] + "".join(_visible(fillers[0][0]) + piece
+                                           for fillers, piece in zip(masks, pieces[1:]))
         if args.json:
             print(json.dumps({"input": text, "filled": filled, "masks": [
                 [{"token": token, "probability": p} for token, p in fillers]
                 for fillers in masks]}, ensure_ascii=False))
             continue
-        print(filled)
+        print(shown_filled)
         for number, fillers in enumerate(masks, start=1):
             shown = "  ".join(f"{json.dumps(token, ensure_ascii=False)} {p:.4f}"
                               for token, p in fillers)
             print(f"  {MASK_TEXT} {number}: {shown}")
     return 0
+
+
+def _visible(token: str) -> str:
+    return token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
