@@ -472,7 +472,8 @@ def test_bucketed_steps_weigh_tokens_equally(mapping_corpus):
     mean_tokens = w.mean_lengths()[1]
     g_all, g_a, g_b, g_plain = (np.empty_like(params) for _ in range(4))
     for step in (3, 4):
-        whole, a, b = w.train_batch(step, 0, 7), w.train_batch(step, 0, 3), w.train_batch(step, 3, 7)
+        whole, a = w.train_batch(step, 0, 7), w.train_batch(step, 0, 3)
+        b = w.train_batch(step, 3, 7)
         tokens = float((whole[3] != -1).sum())
         l_all, n_all = w.loss_and_grad(params, g_all, whole, step, 0)
         l_plain, _ = plain.loss_and_grad(params, g_plain, whole, step, 0)

@@ -162,6 +162,37 @@ def test_empty_line_in_a_file_names_the_line(s2s_run, tmp_path, capsys):
     assert f"{tmp_path / 'in.txt'} line 2 is empty" in err
 
 
+def test_a_checkpoint_without_tokenizers_uses_its_corpus(s2s_run, tmp_path, capsys):
+    """Checkpoints of sequence corpora written before they kept their tokenizers: the
+    run's corpus supplies them when it still matches the recorded hashes."""
+    import shutil
+    run, corpus = s2s_run
+    old = tmp_path / "old"
+    shutil.copytree(run / "checkpoints" / "step_00000300", old)
+    (old / "tokenizer.json").unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["files"]["tokenizer.json"]
+
+    def point_to(data_path):
+        manifest["config"]["data.path"] = str(data_path)
+        (old / "manifest.json").write_text(json.dumps(manifest))
+    point_to(corpus)
+    assert cli(capsys, "translate", old, "abc", "bad")[1] == f"{translation('abc')}\n" \
+        f"{translation('bad')}\n"
+    point_to(tmp_path / "gone.h5")
+    err = one_line_error(*cli(capsys, "translate", old, "abc"))
+    assert f"holds no tokenizer and its corpus {tmp_path / 'gone.h5'} is not here" in err
+    from hpcps.data.seqcorpus import SplitItems, write_sequence_corpus
+    from hpcps.data.tokenizer import CharTokenizer
+    toks = {"src": CharTokenizer(LETTERS), "tgt": CharTokenizer("".join(sorted("一二百")))}
+    items = SplitItems(tokens={"src": [toks["src"].encode("ab")], "tgt": [toks["tgt"].encode(
+        "百一")]}, texts={"src": ["ab"], "tgt": ["百一"]})
+    write_sequence_corpus(str(tmp_path / "other.h5"), "parallel", {"train": items, "val": items},
+                          toks, {})
+    point_to(tmp_path / "other.h5")
+    assert "no longer matches it" in one_line_error(*cli(capsys, "translate", old, "abc"))
+
+
 def test_a_run_of_another_workload_is_refused(tmp_path, capsys):
     from hpcps.data.tokenizer import CharTokenizer
     from hpcps.data.seqcorpus import SplitItems, write_sequence_corpus

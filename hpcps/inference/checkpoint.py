@@ -99,33 +99,41 @@ def saved_tokenizers(ck, fields: Sequence[str], describe: dict) -> dict:
     corpora stored theirs falls back to the run's corpus (``data.path``) when it is
     still there and its tokenizers hash to what the checkpoint recorded.
     """
-    from hpcps.data.tokenizer import Tokenizer
-    text = ck.tokenizer_json()
-    if text is not None:
-        spec = json.loads(text)
-        if fields == ("text",) and PARALLEL_KEY not in spec:
-            return {"text": Tokenizer.from_json(text)}
-        if PARALLEL_KEY in spec and set(fields) <= set(spec[PARALLEL_KEY]):
-            return {f: Tokenizer.from_json(json.dumps(spec[PARALLEL_KEY][f])) for f in fields}
-    return _tokenizers_from_corpus(ck, fields, describe)
-
-
-def _tokenizers_from_corpus(ck, fields: Sequence[str], describe: dict) -> dict:
     import os
 
-    from hpcps.data.seqcorpus import SequenceCorpus
+    from hpcps.data.seqcorpus import checkpoint_tokenizer_text
+    text = ck.tokenizer_json()
+    if text is not None:
+        return _parse_tokenizers(text, fields, f"checkpoint {ck.path}")
     path = ck.config.data.path
     if not path or not os.path.exists(path):
         raise UserError(f"checkpoint {ck.path} holds no tokenizer and its corpus "
                         f"{path or '(none)'} is not here to supply one")
-    with SequenceCorpus.open(path) as corpus:
-        found = {f: corpus.tokenizers[f] for f in fields if f in corpus.tokenizers}
-    for field in fields:
+    found = _parse_tokenizers(checkpoint_tokenizer_text(path), fields, f"corpus {path}")
+    for field, tokenizer in found.items():
         key = "tokenizer_sha256" if field == "text" else f"tokenizer_{field}_sha256"
-        if field not in found or tokenizer_sha256(found[field]) != describe.get(key):
+        if tokenizer_sha256(tokenizer) != describe.get(key):
             raise UserError(f"checkpoint {ck.path} holds no tokenizer and its corpus {path} "
                             f"no longer matches it (tokenizer sha256 differs)")
     return found
+
+
+def _parse_tokenizers(text: str, fields: Sequence[str], where: str) -> dict:
+    """A stored tokenizer definition: one tokenizer ("text"), or a parallel corpus's two."""
+    from hpcps.data.tokenizer import Tokenizer
+    try:
+        spec = json.loads(text)
+    except ValueError:
+        raise UserError(f"{where}: its tokenizer definition is not valid JSON") from None
+    if isinstance(spec, dict) and isinstance(spec.get(PARALLEL_KEY), dict):
+        found = {f: Tokenizer.from_json(json.dumps(v)) for f, v in spec[PARALLEL_KEY].items()}
+    else:
+        found = {"text": Tokenizer.from_json(text)}
+    missing = [f for f in fields if f not in found]
+    if missing:
+        raise UserError(f"{where} has tokenizers for {', '.join(found)}, not for "
+                        f"{', '.join(missing)}")
+    return {f: found[f] for f in fields}
 
 
 def open_lm_corpus(data_path: str, what: str):

@@ -114,8 +114,9 @@ def open_parallel(translator: Translator, data_path: str):
                         f"is evaluated on a parallel corpus (`hpcps prepare --parallel`)")
     describe = translator.checkpoint.manifest.get("describe", {})
     for side in ("src", "tgt"):
-        check_corpus_tokenizer(corpus.tokenizers[side], describe.get(f"tokenizer_{side}_sha256", ""),
-                               data_path, translator.checkpoint.path, side)
+        check_corpus_tokenizer(corpus.tokenizers[side],
+                               describe.get(f"tokenizer_{side}_sha256", ""), data_path,
+                               translator.checkpoint.path, side)
     return corpus
 
 
