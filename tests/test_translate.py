@@ -142,6 +142,26 @@ def test_eval_chrf_and_bleu_match_sacrebleu(s2s_run, capsys):
     assert [e["translation"] for e in result["examples"]] == hyps[:10]
 
 
+def test_chrf_matches_sacrebleu_on_hard_cases():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    from hpcps.metrics.chrf import chrf
+    cases = [
+        (["打开 文件", "保存", "", "a b c"], ["打开这个文件", "保存文件", "空", "abc"]),
+        (["无法连接到服务器"], ["无法连接到服务器"]),                     # identical: 100
+        (["ab", "x"], ["abcdefgh", "y"]),                                  # orders one side lacks
+        (["The cat sat.", "错误：%s"], ["A cat sat on it.", "错误: %s"]),
+    ]
+    for hyps, refs in cases:
+        assert chrf(hyps, refs) == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score,
+                                                 abs=1e-9), (hyps, refs)
+    # two references per item: the better one counts, as in sacrebleu
+    hyps, first, second = ["打开文件", "关闭"], ["打开这个文件", "关"], ["打开文件", "关上"]
+    two = chrf(hyps, [[a, b] for a, b in zip(first, second)])
+    assert two == pytest.approx(sacrebleu.corpus_chrf(hyps, [first, second]).score, abs=1e-9)
+    assert two > chrf(hyps, first)                           # negative control: one reference
+    assert chrf(["无法连接到服务器"], ["无法连接到服务器"]) == pytest.approx(100.0)
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["abz"], "TEXT argument 1 cannot be encoded by the checkpoint's char tokenizer: "
               "characters not in the char vocabulary: 'z' (U+007A)"),
