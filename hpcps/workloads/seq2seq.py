@@ -6,7 +6,10 @@ with a tokenizer per side. Each side's model vocabulary is its tokenizer's plus
 three ids appended: PAD = V, BOS = V + 1, EOS = V + 2 (V the tokenizer's size).
 
 Item i of step t is train pair ``offsets(seed, TRAIN_STREAM, t, i, n_train)``,
-so W workers x b equals one process x W b. A worker's pairs are padded to the
+so W workers x b equals one process x W b. With ``seq2seq.length_buckets`` the
+step first picks a bucket of similar-length pairs (from (seed, t) alone) and its
+items come from that bucket; such a step's gradient is its token-summed loss over
+the mean tokens of a step, so every token weighs the same whatever its bucket. A worker's pairs are padded to the
 longest in its slice: source = tokens[:max_src_len - 1] + EOS, decoder input =
 BOS + tokens[:max_tgt_len - 1], decoder target = tokens[:max_tgt_len - 1] + EOS
 (-1 on padding). The loss is the mean over target tokens, weighted by their count.
@@ -287,8 +290,10 @@ class Seq2SeqWorkload(Workload):
                 "n_layer": m.n_layer, "n_dec_layer": sc.n_dec_layer or m.n_layer,
                 "n_head": m.n_head, "n_embd": m.n_embd, "max_src_len": sc.max_src_len,
                 "max_tgt_len": sc.max_tgt_len, "bias": m.bias,
-                "tie_embeddings": m.tie_embeddings, "share_embeddings": sc.share_embeddings,
-                "tokenizer_src_sha256": sha["src"], "tokenizer_tgt_sha256": sha["tgt"]}
+                "tie_embeddings": m.tie_embeddings,
+                "tokenizer_src_sha256": sha["src"], "tokenizer_tgt_sha256": sha["tgt"],
+                # only when set: checkpoints from before the option still fit on resume
+                **({"share_embeddings": True} if sc.share_embeddings else {})}
 
 
 def build(cfg, backend, corpus=None):
