@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from mpi_util import IMPLEMENTATIONS, require_implementation
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"

@@ -6,24 +6,19 @@ unigram baseline."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
+from gradcheck import NotNumpy, break_gelu_derivative, check_layer_grad, projection
 
 import hpcps.model.bert as bert_model
 import hpcps.model.encdec as encdec
 from hpcps.backend import CPU, Backend
 from hpcps.config.load import load_config
 from hpcps.errors import UserError
-from hpcps.model.blas import blas_threads_limited
 from hpcps.model.bert import BertMLM, mlm_head_backward, mlm_head_forward
+from hpcps.model.blas import blas_threads_limited
 from hpcps.model.workspace import Workspace
 from hpcps.workloads.bert import mask_tokens, masked_count
-
-try:
-    from gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative, projection
-except ImportError:  # tests imported as a package
-    from tests.gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative, projection
 
 pytestmark = pytest.mark.timeout(120)
 

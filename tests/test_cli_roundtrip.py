@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mpi_util import describe, mpi_implementations, run_command, run_mpi
 
 WORDS = ("to be or not that is the question whether tis nobler in mind suffer slings "

@@ -135,6 +135,7 @@ def test_configuration_reference_is_current():
     """docs/configuration.md is generated from the schema; regenerate it after a change:
     python -m hpcps.config.reference > docs/configuration.md"""
     from pathlib import Path
+
     from hpcps.config.reference import render_markdown
     from hpcps.config.schema import FIELDS
     text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()

@@ -18,9 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-
-from mpi_util import (Job, checkpoint_steps, read_metrics, require_implementation, run_ok,
-                      tiny_gpt_args)
+from mpi_util import (
+    Job,
+    checkpoint_steps,
+    read_metrics,
+    require_implementation,
+    run_ok,
+    tiny_gpt_args,
+)
 
 pytestmark = pytest.mark.mpi
 

@@ -9,15 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gradcheck import NotNumpy, break_gelu_derivative, check_layer_grad
 
 from hpcps.backend import Backend
 from hpcps.errors import UserError
 from hpcps.model.gpt import GPT
-
-try:
-    from gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative
-except ImportError:  # tests imported as a package
-    from tests.gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,10 +15,23 @@ import sys
 
 import numpy as np
 import pytest
-
-from mpi_util import (IMPLEMENTATIONS, SHAKESPEARE_CHAR, Job, assert_same_run, check_ok,
-                      final_params, mismatches, mpi_env, read_metrics, require_implementation,
-                      run_command, run_mpi, run_ok, tiny_gpt_args, train_args)
+from mpi_util import (
+    IMPLEMENTATIONS,
+    SHAKESPEARE_CHAR,
+    Job,
+    assert_same_run,
+    check_ok,
+    final_params,
+    mismatches,
+    mpi_env,
+    read_metrics,
+    require_implementation,
+    run_command,
+    run_mpi,
+    run_ok,
+    tiny_gpt_args,
+    train_args,
+)
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
 

@@ -8,15 +8,11 @@ import math
 
 import numpy as np
 import pytest
+from gradcheck import assert_fails, check_layer_grad, projection
 
 import hpcps.model.attention as attention
 import hpcps.model.layers as layers
 from hpcps.model.workspace import Workspace
-
-try:
-    from gradcheck import assert_fails, check_layer_grad, projection
-except ImportError:  # tests imported as a package
-    from tests.gradcheck import assert_fails, check_layer_grad, projection
 
 pytestmark = pytest.mark.timeout(60)
 

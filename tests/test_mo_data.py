@@ -267,3 +267,43 @@ def test_prepare_parallel_and_langid_from_the_command_line(locale_root, tmp_path
     assert hpcps_main(["prepare", "some.txt", "--langid", "de,fr",
                        "-o", str(tmp_path / "n.h5")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_parallel_tokenizers_per_side_and_joint(locale_root, tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    mixed = tmp_path / "mixed.h5"
+    assert hpcps_main(["prepare", "--parallel", "en:zh_CN", "--mo-root", str(locale_root),
+                       "-o", str(mixed), "--val-fraction", "0.3", "--tokenizer", "bpe",
+                       "--vocab-size", "300", "--tgt-tokenizer", "char"]) == 0
+    assert "tokenizers bpe 300 / char" in capsys.readouterr().out
+    joint = tmp_path / "joint.h5"
+    assert hpcps_main(["prepare", "--parallel", "en:zh_CN", "--mo-root", str(locale_root),
+                       "-o", str(joint), "--val-fraction", "0.3", "--tokenizer", "bpe",
+                       "--vocab-size", "300", "--joint-vocab"]) == 0
+    assert "tokenizers bpe joint 300" in capsys.readouterr().out
+    with SequenceCorpus.open(mixed, verify=True) as m, SequenceCorpus.open(joint, verify=True) as j:
+        assert (m.tokenizers["src"].kind, m.tokenizers["tgt"].kind) == ("bpe", "char")
+        assert j.tokenizers["src"].to_json() == j.tokenizers["tgt"].to_json()
+        assert j.tokenizers["src"].to_json() != m.tokenizers["src"].to_json()  # both sides' text
+        val = j.split("val")
+        for field in ("src", "tgt"):                 # every val string round-trips
+            assert [j.tokenizers[field].decode(t) for t in val.get(field, range(val.n))] == \
+                val.texts(field, range(val.n))
+    # the BPE merges come from the train split alone (training is deterministic)
+    from hpcps.data.tokenizer import BPETokenizer
+    with SequenceCorpus.open(mixed) as m:
+        train, val = m.split("train"), m.split("val")
+        sources = train.texts("src", range(train.n))
+        learnt = BPETokenizer.train(iter(sources), 300)
+        with_val = BPETokenizer.train(iter(sources + val.texts("src", range(val.n))), 300)
+        assert m.tokenizers["src"].to_json() == learnt.to_json() != with_val.to_json()
+    for argv, expected in ((["--joint-vocab"], "--joint-vocab needs --tokenizer bpe"),
+                           (["--tokenizer", "char", "--vocab-size", "300"],
+                            "--vocab-size only applies to --tokenizer bpe")):
+        assert hpcps_main(["prepare", "--parallel", "en:zh_CN", "--mo-root", str(locale_root),
+                           "-o", str(tmp_path / "bad.h5"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+    assert hpcps_main(["prepare", "--langid", "de,fr", "--mo-root", str(locale_root),
+                       "-o", str(tmp_path / "bad.h5"), "--joint-vocab"]) == 2
+    assert "apply to --parallel corpora" in capsys.readouterr().err

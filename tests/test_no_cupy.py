@@ -11,7 +11,6 @@ import sys
 import textwrap
 
 import pytest
-
 from mpi_util import REPO_ROOT, mpi_env
 
 pytestmark = pytest.mark.timeout(120)

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from hpcps.config import load_config
-from hpcps.optim import SGD, AdamW, clip_coefficient, lr_at, make_optimizer, sum_of_squares
+from hpcps.optim import (
+    SGD,
+    AdamW,
+    clip_coefficient,
+    lr_at,
+    make_optimizer,
+    sum_of_squares,
+)
 from hpcps.optim.schedule import lr_schedule
 
 pytestmark = pytest.mark.timeout(60)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from mpi_util import REPO_ROOT, SHAKESPEARE_CHAR, mpi_env, train_args
 
 pytestmark = pytest.mark.timeout(120)

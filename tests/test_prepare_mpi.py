@@ -9,12 +9,12 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from mpi_util import check_ok, run_mpi
 
 from hpcps.data.corpus import Corpus
 from hpcps.data.inputs import resolve_inputs
 from hpcps.data.plan import rank_units
 from hpcps.errors import UserError
-from mpi_util import check_ok, run_mpi
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-
 from mpi_util import check_ok, describe, read_metrics, run_mpi
 
 pytestmark = pytest.mark.mpi

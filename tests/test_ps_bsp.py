@@ -10,9 +10,18 @@ import math
 import sys
 
 import pytest
-
-from mpi_util import (SHAKESPEARE_CHAR, mismatches, check_ok, mpi_env, mpich_mpirun, read_metrics,
-                      require_implementation, run_command, run_mpi, train_args)
+from mpi_util import (
+    SHAKESPEARE_CHAR,
+    check_ok,
+    mismatches,
+    mpi_env,
+    mpich_mpirun,
+    read_metrics,
+    require_implementation,
+    run_command,
+    run_mpi,
+    train_args,
+)
 
 pytestmark = pytest.mark.mpi
 

@@ -5,7 +5,6 @@ import re
 import sys
 
 import pytest
-
 from mpi_util import describe, mpi_env, mpirun_prefix, run_command
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(60)]

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from mpi_util import describe, run_mpi
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(120)]

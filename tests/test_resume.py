@@ -20,9 +20,17 @@ import time
 
 import numpy as np
 import pytest
-
-from mpi_util import (TINY_GPT_STEPS, Job, assert_same_run, checkpoint_steps, final_params,
-                      read_metrics, require_implementation, run_ok, tiny_gpt_args)
+from mpi_util import (
+    TINY_GPT_STEPS,
+    Job,
+    assert_same_run,
+    checkpoint_steps,
+    final_params,
+    read_metrics,
+    require_implementation,
+    run_ok,
+    tiny_gpt_args,
+)
 
 pytestmark = pytest.mark.mpi
 

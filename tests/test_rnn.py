@@ -9,19 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+from gradcheck import assert_fails, check_layer_grad, projection
+from mpi_util import check_ok, mpi_env, read_metrics, run_command
+from synthetic_corpora import make_classification_corpus
 
 from hpcps.config.load import load_config
 from hpcps.errors import UserError
 from hpcps.model import rnn
-
-try:
-    from gradcheck import assert_fails, check_layer_grad, projection
-    from mpi_util import check_ok, mpi_env, read_metrics, run_command
-    from synthetic_corpora import make_classification_corpus
-except ImportError:  # tests imported as a package
-    from tests.gradcheck import assert_fails, check_layer_grad, projection
-    from tests.mpi_util import check_ok, mpi_env, read_metrics, run_command
-    from tests.synthetic_corpora import make_classification_corpus
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 
 from hpcps.cli import main
-from hpcps.inference.gpt import (draw, eval_windows, generate, load_gpt, loss_over_tokens,
-                             next_token_distribution)
+from hpcps.inference.gpt import (
+    draw,
+    eval_windows,
+    generate,
+    load_gpt,
+    loss_over_tokens,
+    next_token_distribution,
+)
 from hpcps.model.gpt import GPT
 
 WORDS = ("the king and queen went to see a play about old rome while rain fell on "

@@ -6,8 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpcps.data.sampler import (TRAIN_STREAM, VAL_STREAM, LMBatcher, offsets, sequence_keys,
-                                split_range)
+from hpcps.data.sampler import (
+    TRAIN_STREAM,
+    VAL_STREAM,
+    LMBatcher,
+    offsets,
+    sequence_keys,
+    split_range,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

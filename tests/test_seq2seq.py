@@ -10,6 +10,8 @@ import itertools
 
 import numpy as np
 import pytest
+from gradcheck import NotNumpy, break_gelu_derivative, check_layer_grad, projection
+from synthetic_corpora import HANZI, LETTERS, mapping_pairs, write_mapping_corpus
 
 import hpcps.model.encdec as encdec
 from hpcps.backend import CPU, Backend
@@ -19,13 +21,6 @@ from hpcps.model.blas import blas_threads_limited
 from hpcps.model.seq2seq import Seq2Seq, length_penalty
 from hpcps.model.workspace import Workspace
 from hpcps.workloads.seq2seq import SideVocab, bleu_from_sums, bleu_sums, pad_batch
-
-try:
-    from gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative, projection
-    from synthetic_corpora import HANZI, LETTERS, write_mapping_corpus
-except ImportError:  # tests imported as a package
-    from tests.gradcheck import NotNumpy, check_layer_grad, break_gelu_derivative, projection
-    from tests.synthetic_corpora import HANZI, LETTERS, write_mapping_corpus
 
 pytestmark = pytest.mark.timeout(120)
 rng = np.random.default_rng
@@ -131,12 +126,57 @@ def _model_report(model, keys=None):
                                        analytic), model.layout.views(flat), max_checks=8)
 
 
-@pytest.mark.parametrize("bias,dropout,tie", [(False, 0.0, True), (True, 0.0, False),
-                                              (True, 0.3, True)])
-def test_model_gradient_float64(bias, dropout, tie):
-    model = Seq2Seq(**TINY, bias=bias, dropout=dropout, tie_embeddings=tie)
-    report = _model_report(model, [4, 17, 99] if dropout else None)
+SHARED = dict(TINY, tgt_vocab=10)       # one vocabulary for both sides
+
+
+@pytest.mark.parametrize("shape,options", [
+    (TINY, dict(bias=False, dropout=0.0, tie_embeddings=True)),
+    (TINY, dict(bias=True, dropout=0.0, tie_embeddings=False)),
+    (TINY, dict(bias=True, dropout=0.3, tie_embeddings=True)),
+    (TINY, dict(bias=True, label_smoothing=0.1)),
+    (SHARED, dict(bias=True, share_embeddings=True)),
+    (SHARED, dict(share_embeddings=True, tie_embeddings=False, label_smoothing=0.2)),
+    (SHARED, dict(share_embeddings=True, dropout=0.3)),
+])
+def test_model_gradient_float64(shape, options):
+    model = Seq2Seq(**shape, **options)
+    report = _model_report(model, [4, 17, 99] if options.get("dropout") else None)
     assert report.ok, report
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy():
+    src, src_len, tgt_in, tgt_out = _batch()
+    plain, smooth = (Seq2Seq(**TINY, bias=True, label_smoothing=eps) for eps in (0.0, 0.1))
+    params = plain.init_params(5).astype(np.float64)
+    params += rng(2).standard_normal(params.size) * 0.3
+    logits = plain.logits(params, src, src_len, tgt_in).reshape(-1, TINY["tgt_vocab"])
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    t = tgt_out.reshape(-1)
+    rows = np.flatnonzero(t != -1)
+    nll, uniform = -logp[rows, t[rows]], -logp[rows].mean(axis=1)
+    g0, g1, g2 = (np.empty_like(params) for _ in range(3))
+    loss0 = plain.forward_backward(params, g0, src, src_len, tgt_in, tgt_out)
+    loss1 = smooth.forward_backward(params, g1, src, src_len, tgt_in, tgt_out)
+    assert loss0 == pytest.approx(nll.mean(), rel=1e-12)
+    assert loss1 == pytest.approx((0.9 * nll + 0.1 * uniform).mean(), rel=1e-12)
+    assert not np.allclose(g0, g1)                                   # it changes the gradient
+    # loss_scale multiplies the gradient, never the loss
+    assert smooth.forward_backward(params, g2, src, src_len, tgt_in, tgt_out,
+                                   loss_scale=2.5) == loss1
+    np.testing.assert_allclose(g2, 2.5 * g1, rtol=1e-12, atol=1e-15)
+    with pytest.raises(UserError, match="label smoothing must be in"):
+        Seq2Seq(**TINY, label_smoothing=1.0)
+
+
+def test_shared_embeddings_need_one_vocabulary():
+    with pytest.raises(UserError, match="the source has 10 ids and the target 9"):
+        Seq2Seq(**TINY, share_embeddings=True)
+    model = Seq2Seq(**SHARED, share_embeddings=True)
+    names = [spec.name for spec in model.layout.specs]
+    assert names[:2] == ["wte", "enc.wpe"] and "enc.wte" not in names and "dec.wte" not in names
+    unshared = Seq2Seq(**SHARED)
+    assert unshared.layout.total - model.layout.total == 10 * TINY["n_embd"]
 
 
 def test_model_gradient_negative_control(monkeypatch):
@@ -146,9 +186,11 @@ def test_model_gradient_negative_control(monkeypatch):
     assert report.errors["dec.h0.mlp.fc.w"] > 100 * report.rtol
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_grads_overwritten_and_ranges_cover_the_buffer(tie):
-    model = Seq2Seq(**TINY, bias=True, tie_embeddings=tie)
+@pytest.mark.parametrize("tie,share", [(True, False), (False, False), (True, True),
+                                       (False, True)])
+def test_grads_overwritten_and_ranges_cover_the_buffer(tie, share):
+    model = Seq2Seq(**(SHARED if share else TINY), bias=True, tie_embeddings=tie,
+                    share_embeddings=share)
     params = model.init_params(1)
     batch = _batch()
     clean, dirty = np.zeros_like(params), np.full_like(params, np.nan)
@@ -351,6 +393,80 @@ def test_workload_split_is_a_weighted_mean(mapping_corpus):
     assert not np.allclose(g_all, (g_a + g_b) / 2, rtol=1e-6)         # weights matter
     rows = w.touched_rows(whole)
     assert set(rows) == {"enc.wte"} and rows["enc.wte"].tolist() == np.unique(whole[0]).tolist()
+
+
+def test_length_buckets_draw_each_step_from_one_bucket(mapping_corpus):
+    from hpcps.workloads.seq2seq import build
+    plain = build(s2s_cfg(mapping_corpus), CPU)
+    w = build(s2s_cfg(mapping_corpus, "seq2seq.length_buckets=8"), CPU)
+    order, bounds = w.length_buckets()
+    assert sorted(order.tolist()) == list(range(w.n_train)) and bounds.tolist()[-1] == w.n_train
+    bucket_of = np.empty(w.n_train, dtype=np.int64)
+    for b in range(8):
+        bucket_of[order[bounds[b]:bounds[b + 1]]] = b
+    steps = 3000
+    seen = np.zeros(8)
+    for step in range(steps):
+        idx = w.train_indices(step, 0, 16)
+        assert len(set(bucket_of[idx])) == 1                         # one bucket per step
+        np.testing.assert_array_equal(idx, np.concatenate([w.train_indices(step, 0, 5),
+                                                           w.train_indices(step, 5, 16)]))
+        seen[bucket_of[idx[0]]] += 1
+    # a bucket is drawn as often as it has pairs, so every pair stays equally likely
+    np.testing.assert_allclose(seen / steps, np.diff(bounds) / w.n_train, atol=0.025)
+    padding = [sum(int((m.train_batch(t, 0, 16)[0] == m.src.pad).sum()) for t in range(200))
+               for m in (plain, w)]
+    assert padding[1] < 0.25 * padding[0]                            # far less padding
+    assert plain.train_indices(0, 0, 16).tolist() != w.train_indices(0, 0, 16).tolist()
+
+
+def test_bucketed_steps_weigh_tokens_equally(mapping_corpus):
+    """With buckets a step's gradient is its token-summed loss over the mean tokens of
+    a step, and workers still add up to one process exactly."""
+    from hpcps.workloads.seq2seq import build
+    w = build(s2s_cfg(mapping_corpus, "seq2seq.length_buckets=8"), CPU)
+    plain = build(s2s_cfg(mapping_corpus), CPU)
+    params = w.model.init_params(1).astype(np.float64)
+    mean_tokens = w.mean_lengths()[1]
+    g_all, g_a, g_b, g_plain = (np.empty_like(params) for _ in range(4))
+    for step in (3, 4):
+        whole, a = w.train_batch(step, 0, 7), w.train_batch(step, 0, 3)
+        b = w.train_batch(step, 3, 7)
+        tokens = float((whole[3] != -1).sum())
+        l_all, n_all = w.loss_and_grad(params, g_all, whole, step, 0)
+        l_plain, _ = plain.loss_and_grad(params, g_plain, whole, step, 0)
+        scale = tokens / (7 * mean_tokens)
+        assert n_all == 7.0 and l_all == pytest.approx(l_plain * scale, rel=1e-12)
+        np.testing.assert_allclose(g_all, scale * g_plain, rtol=1e-10, atol=1e-15)
+        l_a, n_a = w.loss_and_grad(params, g_a, a, step, 0)
+        l_b, n_b = w.loss_and_grad(params, g_b, b, step, 3)
+        assert l_all == pytest.approx((n_a * l_a + n_b * l_b) / (n_a + n_b), rel=1e-10)
+        np.testing.assert_allclose(g_all, (n_a * g_a + n_b * g_b) / (n_a + n_b), rtol=1e-8,
+                                   atol=1e-13)
+
+
+def test_shared_embeddings_need_a_joint_vocabulary_corpus(mapping_corpus, tmp_path):
+    from hpcps.data.seqcorpus import SplitItems, write_sequence_corpus
+    from hpcps.data.tokenizer import CharTokenizer
+    from hpcps.workloads.seq2seq import build
+    with pytest.raises(UserError, match="needs one tokenizer for both sides"):
+        build(s2s_cfg(mapping_corpus, "seq2seq.share_embeddings=true"), CPU)
+    joint = CharTokenizer("".join(sorted(LETTERS + HANZI)))
+    pairs = mapping_pairs(64, 3)
+    items = SplitItems(tokens={"src": [joint.encode(p[0]) for p in pairs],
+                               "tgt": [joint.encode(p[1]) for p in pairs]},
+                       texts={"src": [p[0] for p in pairs], "tgt": [p[1] for p in pairs]})
+    write_sequence_corpus(str(tmp_path / "joint.h5"), "parallel", {"train": items, "val": items},
+                          {"src": joint, "tgt": joint}, {})
+    w = build(s2s_cfg(tmp_path / "joint.h5", "seq2seq.share_embeddings=true",
+                      "model.tie_embeddings=false"), CPU)
+    batch = w.train_batch(0, 0, 4)
+    assert w.layout["wte"].shape == (23, 32)                         # 20 chars + PAD, BOS, EOS
+    rows = w.touched_rows(batch)
+    assert list(rows) == ["wte"] and rows["wte"].tolist() == np.union1d(batch[0],
+                                                                         batch[2]).tolist()
+    assert build(s2s_cfg(tmp_path / "joint.h5", "seq2seq.share_embeddings=true"),
+                 CPU).touched_rows(batch) == {}                     # tied: every row moves
 
 
 def test_workload_errors(mapping_corpus, shakespeare_corpus):

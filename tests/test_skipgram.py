@@ -9,19 +9,19 @@ import sys
 
 import numpy as np
 import pytest
+from gradcheck import assert_fails, check_layer_grad
+from mpi_util import check_ok, mpi_env, read_metrics, run_command
 
 from hpcps.cli import main as hpcps_main
 from hpcps.config.load import load_config
 from hpcps.model import skipgram as sg
-from hpcps.workloads.skipgram import (PairSampler, init_loss, keep_probability, negative_cdf,
-                                      subsample)
-
-try:
-    from gradcheck import assert_fails, check_layer_grad
-    from mpi_util import check_ok, mpi_env, read_metrics, run_command
-except ImportError:  # tests imported as a package
-    from tests.gradcheck import assert_fails, check_layer_grad
-    from tests.mpi_util import check_ok, mpi_env, read_metrics, run_command
+from hpcps.workloads.skipgram import (
+    PairSampler,
+    init_loss,
+    keep_probability,
+    negative_cdf,
+    subsample,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

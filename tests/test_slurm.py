@@ -15,9 +15,15 @@ import sys
 import time
 
 import pytest
-
-from mpi_util import (REPO_ROOT, mpi_env, mpirun_prefix, read_metrics, require_implementation,
-                      run_ok, tiny_gpt_args)
+from mpi_util import (
+    REPO_ROOT,
+    mpi_env,
+    mpirun_prefix,
+    read_metrics,
+    require_implementation,
+    run_ok,
+    tiny_gpt_args,
+)
 
 pytestmark = pytest.mark.mpi
 

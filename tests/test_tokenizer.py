@@ -7,8 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpcps.data.tokenizer import (BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer,
-                                  token_dtype_for)
+from hpcps.data.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    Tokenizer,
+    token_dtype_for,
+)
 from hpcps.errors import UserError
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,9 +12,16 @@ import math
 import sys
 
 import pytest
-
-from mpi_util import (mismatches, check_ok, mpi_env, read_metrics, require_implementation,
-                      run_command, run_mpi, train_args)
+from mpi_util import (
+    check_ok,
+    mismatches,
+    mpi_env,
+    read_metrics,
+    require_implementation,
+    run_command,
+    run_mpi,
+    train_args,
+)
 from synthetic_corpora import make_classification_corpus
 
 pytestmark = pytest.mark.mpi

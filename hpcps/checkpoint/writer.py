@@ -27,7 +27,7 @@ from hpcps import __version__
 from hpcps.checkpoint import files as F
 from hpcps.checkpoint.manifest import committed
 from hpcps.checkpoint.reader import ResumePoint, find_resume
-from hpcps.data.corpus import Corpus
+from hpcps.data.seqcorpus import checkpoint_tokenizer_text
 from hpcps.errors import UserError
 from hpcps.optim import SGD, AdamW
 from hpcps.runtime.polled import PolledComm
@@ -129,11 +129,7 @@ class Checkpointer:
         if not self.cfg.data.path:
             return None
         try:
-            corpus = Corpus.open(self.cfg.data.path)
-            try:
-                return corpus.tokenizer.to_json()
-            finally:
-                corpus.close()
+            return checkpoint_tokenizer_text(self.cfg.data.path)
         except (UserError, OSError):
             return None  # the workload reports an unreadable corpus itself
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
+
+from hpcps.checkpoint import open_checkpoint
+from hpcps.data.corpus import Corpus
+from hpcps.data.tokenizer import Tokenizer
 from hpcps.errors import UserError
+from hpcps.model.skipgram import build_layout, cosine_neighbours
 
 NAME = "embed"
 HELP = ("Write the token vectors of a skip-gram checkpoint in word2vec text format and print "
@@ -61,7 +69,6 @@ def token_names(tokenizer, vocab_size: int) -> list[str]:
 
 
 def write_word2vec(path: str, names: list, vectors) -> None:
-    import os
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -77,8 +84,6 @@ def write_word2vec(path: str, names: list, vectors) -> None:
 
 def _corpus_counts(cfg, vocab_size: int):
     """Train-split token counts of the run's corpus, or None when it is not readable here."""
-    import numpy as np
-    from hpcps.data.corpus import Corpus
     if not cfg.data.path:
         return None
     try:
@@ -107,10 +112,6 @@ def _lookup(word: str, names: list, tokenizer) -> int:
 
 
 def run(args) -> int:
-    import numpy as np
-    from hpcps.checkpoint import open_checkpoint
-    from hpcps.data.tokenizer import Tokenizer
-    from hpcps.model.skipgram import build_layout, cosine_neighbours
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
     reader = open_checkpoint(args.checkpoint)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
+from hpcps.data import build_mo
+from hpcps.data.prepare import prepare
+from hpcps.data.prepare_mpi import prepare_parallel
 from hpcps.errors import UserError
+from hpcps.runtime.mpi import world
 
 NAME = "prepare"
 HELP = "Tokenize text, JSON Lines, Parquet or datasets files into an HDF5 token corpus."
@@ -10,7 +17,6 @@ EXAMPLE = "hpcps prepare shakespeare.txt -o shakespeare.h5 --tokenizer char"
 
 
 def _fraction(text: str) -> float:
-    import argparse
     try:
         return float(text)
     except ValueError:
@@ -67,11 +73,15 @@ def add_arguments(parser) -> None:
     catalogs.add_argument("--per-language", type=int, default=None, metavar="N",
                           help="--langid: at most N strings per language (default: as many "
                                "as the smallest language has)")
+    catalogs.add_argument("--tgt-tokenizer", choices=("char", "byte", "bpe"), default=None,
+                          help="--parallel: the target side's tokenizer, when it differs from "
+                               "--tokenizer (which then names the source side's)")
+    catalogs.add_argument("--joint-vocab", action="store_true",
+                          help="--parallel with --tokenizer bpe: one BPE vocabulary for both "
+                               "sides (for seq2seq.share_embeddings)")
 
 
 def _run_catalogs(args) -> int:
-    # imported when the command runs, so that `hpcps --help` stays fast
-    from hpcps.data import build_mo
     if args.parallel and args.langid:
         raise UserError("give --parallel or --langid, not both")
     if args.inputs or args.default_corpus:
@@ -82,8 +92,12 @@ def _run_catalogs(args) -> int:
                   overwrite=args.overwrite)
     if args.parallel:
         result = build_mo.build_parallel(args.output, args.parallel,
-                                         tokenizer=args.tokenizer or "char", **common)
+                                         tokenizer=args.tokenizer or "char",
+                                         tgt_tokenizer=args.tgt_tokenizer,
+                                         joint_vocab=args.joint_vocab, **common)
     else:
+        if args.tgt_tokenizer or args.joint_vocab:
+            raise UserError("--tgt-tokenizer and --joint-vocab apply to --parallel corpora")
         result = build_mo.build_langid(args.output, args.langid, tokenizer=args.tokenizer or "byte",
                                        per_language=args.per_language, **common)
     print(result.summary())
@@ -93,24 +107,20 @@ def _run_catalogs(args) -> int:
 def run(args) -> int:
     if args.parallel or args.langid:
         return _run_catalogs(args)
-    import sys
+    if args.tgt_tokenizer or args.joint_vocab:
+        raise UserError("--tgt-tokenizer and --joint-vocab apply to --parallel corpora")
     options = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, overwrite=args.overwrite,
                    quiet=getattr(args, "quiet", False), default_corpus=args.default_corpus,
                    text_field=args.text_field, tokenizer_file=args.tokenizer_file,
                    tiktoken=args.tiktoken, eot_token=args.eot_token)
-    if "mpi4py.run" in sys.modules:     # launched as `python -m mpi4py -m hpcps prepare ...`
-        # MPI is started only here: a plain `hpcps prepare` never loads it
-        from hpcps.runtime.mpi import world
+    # under `python -m mpi4py -m hpcps prepare ...` the ranks prepare in parallel; a plain
+    # `hpcps prepare` never starts MPI
+    if "mpi4py.run" in sys.modules and world().Get_size() > 1:
         comm = world()
-        if comm.Get_size() > 1:
-            # imported when the command runs, so that `hpcps --help` stays fast
-            from hpcps.data.prepare_mpi import prepare_parallel
-            result = prepare_parallel(comm, args.inputs, args.output, **options)
-            if comm.Get_rank() == 0:
-                print(result.summary())
-            return 0
-    # imported when the command runs, so that `hpcps --help` stays fast
-    from hpcps.data.prepare import prepare
+        result = prepare_parallel(comm, args.inputs, args.output, **options)
+        if comm.Get_rank() == 0:
+            print(result.summary())
+        return 0
     print(prepare(args.inputs, args.output, **options).summary())
     return 0

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+from hpcps.backend import get_backend
+from hpcps.cli._inputs import int_at_least
+from hpcps.errors import UserError
+from hpcps.inference.gpt import generate, load_gpt
+
 NAME = "sample"
 HELP = ("Generate text from a GPT checkpoint with the tokenizer saved in it (temperature, "
         "top-k; temperature 0 is greedy).")
@@ -11,23 +18,8 @@ EXAMPLE = ('hpcps sample runs/default --prompt "def " --max-new-tokens 200 --tem
 SEPARATOR = "-" * 40   # printed between samples when there are several
 
 
-def _int_at_least(low: int):
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
-
 def _temperature(text: str) -> float:
     import argparse
-    import math
     try:
         value = float(text)
     except ValueError:
@@ -42,15 +34,15 @@ def add_arguments(parser) -> None:
                         help="a checkpoint directory, or a run directory (its newest checkpoint)")
     parser.add_argument("--prompt", default="\n", metavar="TEXT",
                         help="text to continue (default: a newline)")
-    parser.add_argument("--max-new-tokens", type=_int_at_least(0), default=200, metavar="N",
+    parser.add_argument("--max-new-tokens", type=int_at_least(0), default=200, metavar="N",
                         help="tokens to generate after the prompt (default 200)")
     parser.add_argument("--temperature", type=_temperature, default=0.8, metavar="T",
                         help="divide the logits by T before sampling; 0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=_int_at_least(0), default=200, metavar="K",
+    parser.add_argument("--top-k", type=int_at_least(0), default=200, metavar="K",
                         help="sample among the K most likely tokens; 0 = all (default 200)")
-    parser.add_argument("--seed", type=_int_at_least(0), default=1337, metavar="S",
+    parser.add_argument("--seed", type=int_at_least(0), default=1337, metavar="S",
                         help="random seed: the same seed gives the same text (default 1337)")
-    parser.add_argument("--num-samples", type=_int_at_least(1), default=1, metavar="N",
+    parser.add_argument("--num-samples", type=int_at_least(1), default=1, metavar="N",
                         help="independent samples, separated by a line of '-' (default 1)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="run the model with NumPy (cpu, default) or CuPy (gpu)")
@@ -59,9 +51,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import sys
 
-    from hpcps.backend import get_backend
-    from hpcps.errors import UserError
-    from hpcps.inference.gpt import generate, load_gpt
 
     loaded = load_gpt(args.checkpoint, backend=get_backend(args.device), purpose="hpcps sample")
     tokenizer = loaded.tokenizer

@@ -32,3 +32,13 @@ field("seq2seq.length_penalty", "float", 0.6,
       min=0.0)
 field("seq2seq.eval_pairs", "int", 64,
       "Val pairs decoded per evaluation for val_bleu (decoding is the expensive part).", min=0)
+field("seq2seq.label_smoothing", "float", 0.0,
+      "Training target (1 - eps) on the reference token + eps spread over the vocabulary "
+      "(0: plain cross-entropy; val_loss is always the plain one).", min=0.0, max=0.99)
+field("seq2seq.share_embeddings", "bool", False,
+      "One token table for encoder and decoder (and the output layer when "
+      "model.tie_embeddings): needs a corpus with one tokenizer for both sides "
+      "(`hpcps prepare --parallel ... --joint-vocab`).")
+field("seq2seq.length_buckets", "int", 0,
+      "Sort the train pairs by length into N buckets and draw each step from one bucket, "
+      "so batches pad little (0 or 1: draw from all pairs).", min=0)

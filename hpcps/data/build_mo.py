@@ -27,9 +27,15 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from hpcps.data.mo import read_catalog, require_catalogs
+from hpcps.data.prepare import check_options, check_output
 from hpcps.data.seqcorpus import SplitItems, write_sequence_corpus
-from hpcps.data.tokenizer import (DEFAULT_BPE_VOCAB, BPETokenizer, ByteTokenizer, CharTokenizer,
-                                  Tokenizer)
+from hpcps.data.tokenizer import (
+    DEFAULT_BPE_VOCAB,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    Tokenizer,
+)
 from hpcps.errors import UserError
 
 DEFAULT_MO_ROOT = "/usr/share/locale"
@@ -256,26 +262,52 @@ class BuildResult:
 
 
 def _check_common(out: str, overwrite: bool, tokenizer: str, vocab_size: Optional[int],
-                  val_fraction: float, max_chars: int) -> None:
-    from hpcps.data.prepare import check_options, check_output
-    check_options(tokenizer, vocab_size, val_fraction)
+                  val_fraction: float, max_chars: int, tgt_tokenizer: Optional[str] = None
+                  ) -> None:
+    kinds = {tokenizer, tgt_tokenizer or tokenizer}
+    for kind in sorted(kinds):   # --vocab-size sizes the BPE side; with no BPE it is an error
+        check_options(kind, vocab_size if kind == "bpe" or "bpe" not in kinds else None,
+                      val_fraction)
     check_output(out, overwrite)
     if max_chars < 1:
         raise UserError(f"--max-chars must be at least 1, got {max_chars}")
 
 
+def parallel_tokenizers(kind: str, vocab_size: Optional[int], train: list, pairs: list,
+                        joint: bool = False, tgt_kind: Optional[str] = None) -> dict:
+    """One tokenizer per side (``tgt_kind``: another kind for the target side), or with
+    ``joint`` one shared by both (trained on both sides' text: a word the translation
+    keeps, such as a program name, has the same ids on both sides). BPE merges are learnt
+    from the train split only, so val text never shapes the vocabulary; char
+    vocabularies cover every pair, so every val string encodes."""
+    tgt_kind = tgt_kind or kind
+    if joint:
+        if kind != "bpe" or tgt_kind != "bpe":
+            raise UserError(f"--joint-vocab needs --tokenizer bpe on both sides (a "
+                            f"{kind if kind != 'bpe' else tgt_kind} tokenizer is the same on "
+                            f"both sides only by accident)")
+        shared = make_tokenizer(kind, vocab_size, (text for p in train for text in p))
+        return {"src": shared, "tgt": shared}
+    return {side: make_tokenizer(k, vocab_size, (p[i] for p in (train if k == "bpe" else pairs)))
+            for i, (side, k) in enumerate((("src", kind), ("tgt", tgt_kind)))}
+
+
 def build_parallel(out: str, pair: str, mo_root: str = DEFAULT_MO_ROOT, tokenizer: str = "char",
                    vocab_size: Optional[int] = None, val_fraction: float = DEFAULT_VAL_FRACTION,
-                   max_chars: int = DEFAULT_MAX_CHARS, overwrite: bool = False) -> BuildResult:
+                   max_chars: int = DEFAULT_MAX_CHARS, overwrite: bool = False,
+                   joint_vocab: bool = False, tgt_tokenizer: Optional[str] = None
+                   ) -> BuildResult:
+    """``tokenizer`` for both sides, or for the source when ``tgt_tokenizer`` is given
+    (``--vocab-size`` is then the size of the BPE side(s)); ``joint_vocab``: one BPE."""
     started = time.monotonic()
     src_lang, sep, tgt_lang = pair.partition(":")
     if not sep or not src_lang or not tgt_lang:
         raise UserError(f"--parallel expects SRC:TGT such as en:zh_CN, got {pair!r}")
-    _check_common(out, overwrite, tokenizer, vocab_size, val_fraction, max_chars)
+    _check_common(out, overwrite, tokenizer, vocab_size, val_fraction, max_chars,
+                  tgt_tokenizer)
     pairs, stats = collect_pairs(mo_root, src_lang, tgt_lang, max_chars)
     train, val = split_by_hash(pairs, lambda p: p[0], val_fraction)
-    toks = {"src": make_tokenizer(tokenizer, vocab_size, (p[0] for p in pairs)),
-            "tgt": make_tokenizer(tokenizer, vocab_size, (p[1] for p in pairs))}
+    toks = parallel_tokenizers(tokenizer, vocab_size, train, pairs, joint_vocab, tgt_tokenizer)
     splits = {}
     for name, part in (("train", train), ("val", val)):
         src, tgt = [p[0] for p in part], [p[1] for p in part]
@@ -285,8 +317,11 @@ def build_parallel(out: str, pair: str, mo_root: str = DEFAULT_MO_ROOT, tokenize
     write_sequence_corpus(out, "parallel", splits, toks, {
         "src_lang": src_lang, "tgt_lang": tgt_lang, "source": f"gettext catalogs under {mo_root}",
         "val_fraction": val_fraction, "max_chars": max_chars})
-    detail = (f"en->{tgt_lang} from {stats.describe()}; tokenizers {tokenizer} "
-              f"{toks['src'].vocab_size} / {toks['tgt'].vocab_size}")
+    if joint_vocab:
+        sizes = f"{tokenizer} joint {toks['src'].vocab_size}"
+    else:
+        sizes = " / ".join(f"{toks[side].kind} {toks[side].vocab_size}" for side in ("src", "tgt"))
+    detail = f"en->{tgt_lang} from {stats.describe()}; tokenizers {sizes}"
     return BuildResult(out, "parallel", len(train), len(val), detail,
                        time.monotonic() - started)
 

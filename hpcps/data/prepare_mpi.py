@@ -30,12 +30,33 @@ import numpy as np
 
 from hpcps.data.encode import scan_chars
 from hpcps.data.plan import rank_units, whole_units
-from hpcps.data.prepare import (PrepareResult, char_vocab, encode_units, make_job, report_skipped,
-                                split_point, train_bpe)
+from hpcps.data.prepare import (
+    PrepareResult,
+    char_vocab,
+    encode_units,
+    make_job,
+    report_skipped,
+    split_point,
+    train_bpe,
+)
 from hpcps.data.progress import Progress
-from hpcps.data.shards import (TMP_SUFFIX, PartWriter, corpus_documents, part_name, parts_dir,
-                               publish, split_stats, write_virtual_corpus)
-from hpcps.data.tokenizer import EOT_TEXT, ByteTokenizer, CharTokenizer, Tokenizer, token_dtype_for
+from hpcps.data.shards import (
+    TMP_SUFFIX,
+    PartWriter,
+    corpus_documents,
+    part_name,
+    parts_dir,
+    publish,
+    split_stats,
+    write_virtual_corpus,
+)
+from hpcps.data.tokenizer import (
+    EOT_TEXT,
+    ByteTokenizer,
+    CharTokenizer,
+    Tokenizer,
+    token_dtype_for,
+)
 from hpcps.runtime.mpi import agree_on_errors, mpi
 
 T = TypeVar("T")

@@ -19,8 +19,13 @@ import os
 import re
 from typing import Optional
 
-from hpcps.data.tokenizer import (EOT_TEXT, HFTokenizer, TiktokenTokenizer, require_tiktoken,
-                                  require_tokenizers)
+from hpcps.data.tokenizer import (
+    EOT_TEXT,
+    HFTokenizer,
+    TiktokenTokenizer,
+    require_tiktoken,
+    require_tokenizers,
+)
 from hpcps.errors import UserError
 
 # Tried in order when --eot-token is not given: the names popular tokenizers use.

@@ -24,9 +24,18 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import h5py
 import numpy as np
 
-from hpcps.data.corpus import FORMAT_NAME, FORMAT_VERSION, SPLITS, _attr, open_corpus_file
+from hpcps import __version__
+from hpcps.data.corpus import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SPLITS,
+    Corpus,
+    _attr,
+    open_corpus_file,
+)
 from hpcps.data.tokenizer import Tokenizer, token_dtype_for
 from hpcps.errors import UserError
 
@@ -69,7 +78,6 @@ def _chunks(n: int, per_chunk: int = CHUNK_ITEMS) -> tuple:
 
 
 def _write_field(group, names: tuple, token_lists: list, texts: list, dtype) -> None:
-    import h5py
     tokens_name, offsets_name, text_name = names
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
@@ -91,8 +99,7 @@ def write_sequence_corpus(out: str, kind: str, splits: dict, tokenizers: dict,
 
     tokenizers: field -> Tokenizer ("src"/"tgt" or "text"); attrs: extra root attributes.
     """
-    import h5py
-    from hpcps import __version__
+
     if kind not in KINDS:
         raise ValueError(f"unknown sequence corpus kind {kind!r}")
     for name in SPLITS:
@@ -301,3 +308,23 @@ class SequenceCorpus:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
+
+
+def checkpoint_tokenizer_text(path: str) -> str:
+    """What a checkpoint of a run on corpus ``path`` stores as its tokenizer: the
+    tokenizer of a language-model corpus, the text tokenizer of a classification
+    corpus, and for a parallel corpus both sides as ``{"parallel": {"src": .., "tgt": ..}}``
+    (not a tokenizer itself, so nothing mistakes it for one)."""
+    try:
+        corpus = SequenceCorpus.open(path)
+    except UserError:
+        lm = Corpus.open(path)          # not a sequence corpus: a language-model corpus
+        try:
+            return lm.tokenizer.to_json()
+        finally:
+            lm.close()
+    with corpus:
+        if corpus.kind == "classification":
+            return corpus.tokenizers["text"].to_json()
+        return json.dumps({"parallel": {field: json.loads(corpus.tokenizers[field].to_json())
+                                        for field in ("src", "tgt")}})

@@ -18,7 +18,13 @@ from typing import Optional
 
 import numpy as np
 
-from hpcps.data.corpus import CHUNK_TOKENS, SPLITS, Document, documents_table, root_attrs
+from hpcps.data.corpus import (
+    CHUNK_TOKENS,
+    SPLITS,
+    Document,
+    documents_table,
+    root_attrs,
+)
 from hpcps.data.tokenizer import Tokenizer, token_dtype_for
 
 PARTS_SUFFIX = ".parts"

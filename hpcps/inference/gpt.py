@@ -16,7 +16,20 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from hpcps.backend import CPU
+from hpcps.data.tokenizer import Tokenizer
 from hpcps.errors import UserError
+from hpcps.inference.checkpoint import (
+    as_checkpoint,
+    check_layout,
+    checkpoint_workload,
+    wrong_workload,
+)
+from hpcps.model.gpt import GPT
+
+__all__ = ["LoadedGPT", "build_gpt", "check_layout", "checkpoint_workload", "draw",
+           "eval_windows", "generate", "load_gpt", "loss_over_tokens", "next_token_distribution",
+           "require_gpt"]
 
 
 @dataclass
@@ -40,16 +53,10 @@ class LoadedGPT:
         return hashlib.sha256(self.tokenizer.to_json().encode()).hexdigest()
 
 
-def checkpoint_workload(ck) -> str:
-    return ck.manifest.get("describe", {}).get("workload") or ck.config.workload
-
-
 def require_gpt(ck, purpose: str) -> dict:
     """The checkpoint's GPT description; a UserError for any other workload."""
-    workload = checkpoint_workload(ck)
-    if workload != "gpt":
-        raise UserError(f"{purpose} needs a GPT checkpoint; {ck.path} holds workload "
-                        f"'{workload}'")
+    if checkpoint_workload(ck) != "gpt":
+        raise wrong_workload(ck, purpose, ("gpt",))
     describe = ck.manifest.get("describe", {})
     if "vocab_size" not in describe:
         raise UserError(f"checkpoint {ck.path} does not record its vocabulary size "
@@ -59,35 +66,20 @@ def require_gpt(ck, purpose: str) -> dict:
 
 def build_gpt(ck, backend=None, threads: Optional[int] = None, purpose: str = "this command"):
     """The GPT that the checkpoint's config and description define (not yet loaded)."""
-    from hpcps.backend import CPU
-    from hpcps.model.gpt import GPT
     describe = require_gpt(ck, purpose)
     m = ck.config.model
     model = GPT(vocab_size=int(describe["vocab_size"]), n_layer=m.n_layer, n_head=m.n_head,
                 n_embd=m.n_embd, block_size=m.block_size, bias=m.bias, dropout=0.0,
                 tie_embeddings=m.tie_embeddings, backend=backend or CPU, threads=threads)
-    check_layout(ck, model.layout)
+    check_layout(ck, model.layout, "GPT")
     return model
 
 
-def check_layout(ck, layout) -> None:
-    """The rebuilt layout must name and size every tensor as the checkpoint recorded it."""
-    if layout.total != ck.n_params:
-        raise UserError(f"checkpoint {ck.path} holds {ck.n_params} parameters but its config "
-                        f"builds a GPT with {layout.total}")
-    saved = ck.manifest.get("layout")
-    if saved is not None and saved != layout.describe():
-        raise UserError(f"checkpoint {ck.path}: the saved parameter layout differs from the "
-                        f"one this version of hpcps builds from its config")
-
-
-def load_gpt(path: str, backend=None, threads: Optional[int] = None,
+def load_gpt(path, backend=None, threads: Optional[int] = None,
              purpose: str = "this command") -> LoadedGPT:
-    """Open a checkpoint (or a run directory's newest) and load its GPT; ``purpose`` names
-    the caller in the error for a checkpoint of another workload."""
-    from hpcps.checkpoint import open_checkpoint
-    from hpcps.data.tokenizer import Tokenizer
-    ck = open_checkpoint(path)
+    """Open a checkpoint (or a run directory's newest; or take an open reader) and load its
+    GPT; ``purpose`` names the caller in the error for a checkpoint of another workload."""
+    ck = as_checkpoint(path)
     model = build_gpt(ck, backend, threads, purpose)
     params = np.ascontiguousarray(ck.params(), dtype=np.float32)
     if not np.isfinite(params).all():

@@ -33,9 +33,15 @@ import numpy as np
 from hpcps.backend import array_module
 from hpcps.model import attention
 from hpcps.model.attention import attention_backward, attention_forward, split_heads
-from hpcps.model.layers import (dropout_mask, gelu_backward, gelu_forward,
-                                layernorm_linear_backward, layernorm_linear_forward,
-                                linear_backward, linear_forward)
+from hpcps.model.layers import (
+    dropout_mask,
+    gelu_backward,
+    gelu_forward,
+    layernorm_linear_backward,
+    layernorm_linear_forward,
+    linear_backward,
+    linear_forward,
+)
 from hpcps.model.layout import ParamLayout
 from hpcps.model.workspace import Workspace, scratch
 

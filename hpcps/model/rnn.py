@@ -20,13 +20,19 @@ the zero initial state at index 0. Parameter gradients are ACCUMULATED.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 from hpcps.backend import CPU, Backend, array_module
 from hpcps.errors import UserError
-from hpcps.model.layers import (cross_entropy_backward, cross_entropy_forward,
-                                embedding_backward, embedding_forward, linear_backward,
-                                linear_forward)
+from hpcps.model.layers import (
+    cross_entropy_backward,
+    cross_entropy_forward,
+    embedding_backward,
+    embedding_forward,
+    linear_backward,
+    linear_forward,
+)
 from hpcps.model.layout import ParamLayout
 
 CELLS = ("lstm", "gru")

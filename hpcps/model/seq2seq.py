@@ -20,21 +20,38 @@ encoder once per source and caches the decoder's self-attention keys / values.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from hpcps.model.checks import check_dropout_keys, check_flat_buffer
-from hpcps.backend import CPU, Backend
+from hpcps.backend import CPU, Backend, array_module
 from hpcps.errors import UserError
 from hpcps.model.bert import check_shape_args
-from hpcps.model.encdec import (INIT_STD, Dropout, add_decoder_block, add_encoder_block,
-                                add_norm, block_range, cross_keys_values, decoder_block_backward,
-                                decoder_block_forward, decoder_block_step, encoder_block_backward,
-                                encoder_block_forward, key_padding_bias)
-from hpcps.model.layers import (cross_entropy_backward, cross_entropy_forward,
-                                embedding_backward, layernorm_backward, layernorm_forward,
-                                layernorm_linear_backward, layernorm_linear_forward)
+from hpcps.model.checks import check_dropout_keys, check_flat_buffer
+from hpcps.model.encdec import (
+    INIT_STD,
+    Dropout,
+    add_decoder_block,
+    add_encoder_block,
+    add_norm,
+    block_range,
+    cross_keys_values,
+    decoder_block_backward,
+    decoder_block_forward,
+    decoder_block_step,
+    encoder_block_backward,
+    encoder_block_forward,
+    key_padding_bias,
+)
+from hpcps.model.layers import (
+    cross_entropy_backward,
+    cross_entropy_forward,
+    embedding_backward,
+    layernorm_backward,
+    layernorm_forward,
+    layernorm_linear_backward,
+    layernorm_linear_forward,
+)
 from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
 from hpcps.model.workspace import Workspace
 
@@ -44,17 +61,26 @@ DEC_SITES = 5            # dropout sites per decoder block (encoder blocks use 3
 
 def build_layout(*, src_vocab: int, tgt_vocab: int, n_layer: int, n_dec_layer: int,
                  n_embd: int, max_src_len: int, max_tgt_len: int, bias: bool,
-                 tie_embeddings: bool) -> ParamLayout:
+                 tie_embeddings: bool, share_embeddings: bool = False) -> ParamLayout:
     """Encoder tensors first, then the decoder's: the backward finishes the decoder from
-    its end, then the encoder from its end, so every reported range is contiguous."""
+    its end, then the encoder from its end, so every reported range is contiguous.
+
+    share_embeddings (one vocabulary for both sides): a single token table ``wte`` at
+    the very start, read by the encoder and the decoder. Its gradient is final only
+    after the encoder's embedding backward, which is why it sits next to enc.wpe.
+    """
     c = n_embd
     lay = ParamLayout()
-    lay.add("enc.wte", (src_vocab, c), std=INIT_STD, sparse_rows=True)
+    if share_embeddings:
+        lay.add("wte", (src_vocab, c), std=INIT_STD, sparse_rows=not tie_embeddings)
+    else:
+        lay.add("enc.wte", (src_vocab, c), std=INIT_STD, sparse_rows=True)
     lay.add("enc.wpe", (max_src_len, c), std=INIT_STD)
     for i in range(n_layer):
         add_encoder_block(lay, f"enc.h{i}.", c, bias, INIT_STD / math.sqrt(2 * n_layer))
     add_norm(lay, "enc.lnf", c, bias)
-    lay.add("dec.wte", (tgt_vocab, c), std=INIT_STD, sparse_rows=not tie_embeddings)
+    if not share_embeddings:
+        lay.add("dec.wte", (tgt_vocab, c), std=INIT_STD, sparse_rows=not tie_embeddings)
     lay.add("dec.wpe", (max_tgt_len, c), std=INIT_STD)
     for i in range(n_dec_layer):
         add_decoder_block(lay, f"dec.h{i}.", c, bias, INIT_STD / math.sqrt(3 * n_dec_layer))
@@ -64,16 +90,56 @@ def build_layout(*, src_vocab: int, tgt_vocab: int, n_layer: int, n_dec_layer: i
     return lay
 
 
+def uniform_nll(logits, probs):
+    """Per row: the mean over the vocabulary of -log softmax(logits), i.e. logsumexp minus
+    the mean logit. logsumexp comes from the softmax the cross-entropy already computed,
+    read at the row's largest logit (its probability is at least 1/V, so never 0)."""
+    xp = array_module(logits)
+    l2 = logits.reshape(-1, logits.shape[-1])
+    rows = xp.arange(l2.shape[0])
+    top = l2.argmax(axis=1)
+    lse = l2[rows, top] - xp.log(probs[rows, top])
+    return lse - l2.mean(axis=1)
+
+
+def smooth_loss_and_grad(nll_mean, dlogits, targets, uniform_nll, eps: float,
+                         dloss: float = 1.0):
+    """Turn the mean NLL and its gradient dloss * (softmax - onehot) * valid / count, in
+    place, into those of label smoothing: the target distribution (1 - eps) onehot + eps/V.
+
+    loss = (1 - eps) NLL + eps * mean_v(-log p_v); the gradient gains
+    dloss * eps * (onehot - 1/V) * valid / count.
+    """
+    xp = array_module(dlogits)
+    t = targets.reshape(-1)
+    valid = t != -1
+    count = xp.maximum(valid.sum(), 1).astype(dlogits.dtype)
+    scale = valid.astype(dlogits.dtype) * (dlogits.dtype.type(eps * dloss) / count)
+    rows = xp.arange(dlogits.shape[0])
+    dlogits[rows, xp.where(valid, t, 0)] += scale
+    dlogits -= (scale / dlogits.shape[1])[:, None]
+    smooth_mean = (uniform_nll * valid).sum() / count
+    return (1.0 - eps) * nll_mean + eps * smooth_mean
+
+
 def length_penalty(length: int, alpha: float) -> float:
     """GNMT's ((5 + length) / 6) ** alpha; beam scores are log-prob sums divided by it."""
     return ((5.0 + length) / 6.0) ** alpha
+
+
+class Hypothesis(NamedTuple):
+    """A finished beam: ``score`` = log_prob / length_penalty; tokens without EOS."""
+    score: float
+    tokens: list
+    log_prob: float
 
 
 class Seq2Seq:
     def __init__(self, *, src_vocab: int, tgt_vocab: int, n_layer: int, n_head: int,
                  n_embd: int, max_src_len: int, max_tgt_len: int,
                  n_dec_layer: Optional[int] = None, bias: bool = False, dropout: float = 0.0,
-                 tie_embeddings: bool = True, backend: Backend = CPU) -> None:
+                 tie_embeddings: bool = True, share_embeddings: bool = False,
+                 label_smoothing: float = 0.0, backend: Backend = CPU) -> None:
         n_dec_layer = n_layer if n_dec_layer is None else n_dec_layer
         check_shape_args(src_vocab=src_vocab, tgt_vocab=tgt_vocab, n_layer=n_layer,
                          n_dec_layer=n_dec_layer, n_head=n_head, n_embd=n_embd,
@@ -82,6 +148,16 @@ class Seq2Seq:
             raise UserError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         if not 0.0 <= dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise UserError(f"label smoothing must be in [0, 1), got {label_smoothing!r}")
+        if share_embeddings and src_vocab != tgt_vocab:
+            raise UserError(f"shared embeddings need one vocabulary for both sides; the source "
+                            f"has {src_vocab} ids and the target {tgt_vocab}")
+        self.share_embeddings = bool(share_embeddings)
+        self.label_smoothing = float(label_smoothing)
+        # the token tables the two sides read (one tensor when shared)
+        self.src_wte = "wte" if share_embeddings else "enc.wte"
+        self.tgt_wte = "wte" if share_embeddings else "dec.wte"
         self.src_vocab, self.tgt_vocab = int(src_vocab), int(tgt_vocab)
         self.n_layer, self.n_dec_layer, self.n_head = int(n_layer), int(n_dec_layer), int(n_head)
         self.n_embd = int(n_embd)
@@ -92,7 +168,8 @@ class Seq2Seq:
                                    n_layer=self.n_layer, n_dec_layer=self.n_dec_layer,
                                    n_embd=self.n_embd, max_src_len=self.max_src_len,
                                    max_tgt_len=self.max_tgt_len, bias=self.bias,
-                                   tie_embeddings=tie_embeddings)
+                                   tie_embeddings=tie_embeddings,
+                                   share_embeddings=self.share_embeddings)
         self._ready_ranges = self._grad_ready_ranges()
         self._workspaces: dict = {}
 
@@ -103,8 +180,11 @@ class Seq2Seq:
 
     def forward_backward(self, params, grads, src, src_len, tgt_in, tgt_out,
                          dropout_keys: Optional[Sequence[int]] = None,
-                         on_grad_ready: Optional[GradReady] = None) -> float:
-        """Overwrite grads with d(mean target-token loss)/d(params); return the loss."""
+                         on_grad_ready: Optional[GradReady] = None,
+                         loss_scale: float = 1.0) -> float:
+        """Overwrite grads with d(loss_scale x mean target-token loss)/d(params); return the
+        mean loss (with label smoothing when the model has it: the loss the gradient
+        belongs to). ``on_grad_ready(lo, hi)`` hears of each finished gradient range."""
         src, src_len, tgt_in, tgt_out = self._check_batch(src, src_len, tgt_in, tgt_out)
         self._check_buffer(params, "params")
         self._check_buffer(grads, "grads")
@@ -113,7 +193,12 @@ class Seq2Seq:
         P, G = self.layout.views(params), self.layout.views(grads)
         logits, caches = self._forward(P, src, src_len, tgt_in, keys, ws)
         loss, xent = cross_entropy_forward(logits, tgt_out, ws=ws, name="xent")
-        self._backward(G, cross_entropy_backward(xent), caches, ws,
+        smooth = uniform_nll(logits, xent[0]) if self.label_smoothing else None
+        dlogits = cross_entropy_backward(xent, loss_scale)   # overwrites the probabilities
+        if smooth is not None:
+            loss = smooth_loss_and_grad(loss, dlogits, tgt_out, smooth, self.label_smoothing,
+                                        loss_scale)
+        self._backward(G, dlogits, caches, ws,
                        grad_ready_notifier(self._ready_ranges, on_grad_ready))
         return float(loss)
 
@@ -170,6 +255,15 @@ class Seq2Seq:
         has ``beam`` finished hypotheses; at max_len the live beams count as finished.
         beam=1 is greedy decoding. ``banned`` ids (BOS, PAD) are never generated.
         Returns the best token list per source, without EOS."""
+        found = self.beam_search_nbest(params, src, src_len, bos, eos, beam, alpha, max_len,
+                                       banned)
+        return [hyps[0].tokens if hyps else [] for hyps in found]
+
+    def beam_search_nbest(self, params, src, src_len, bos: int, eos: int, beam: int = 4,
+                          alpha: float = 0.6, max_len: Optional[int] = None,
+                          banned: Sequence[int] = ()) -> list:
+        """``beam_search`` keeping every finished hypothesis: per source a list of
+        ``Hypothesis`` (score, tokens without EOS, log_prob), best score first."""
         if beam < 1:
             raise UserError(f"beam must be at least 1, got {beam}")
         max_len = self.max_tgt_len if max_len is None else min(max_len, self.max_tgt_len)
@@ -209,9 +303,11 @@ class Seq2Seq:
             if len(finished[b]) < beam:               # ran out of length: live beams count
                 for k in range(beam):
                     if np.isfinite(scores[i, k]):
-                        finished[b].append((scores[i, k] / length_penalty(max_len, alpha),
-                                            history[i, k].tolist()))
-        return [max(f, key=lambda item: item[0])[1] if f else [] for f in finished]
+                        finished[b].append(Hypothesis(
+                            scores[i, k] / length_penalty(max_len, alpha),
+                            history[i, k].tolist(), scores[i, k]))
+        # a stable sort: of equal scores the first finished stays first
+        return [sorted(f, key=lambda h: -h.score) for f in finished]
 
     def _select(self, cand, history, finished, beam: int, pos: int, eos: int, alpha: float):
         """One beam step: the best 2*beam extensions per source; EOS ones finish, the rest
@@ -235,8 +331,8 @@ class Seq2Seq:
                     break
                 src_beam, token = divmod(int(j), vocab)
                 if token == eos:
-                    finished[b].append((score / length_penalty(pos + 1, alpha),
-                                        history[b, src_beam].tolist()))
+                    finished[b].append(Hypothesis(score / length_penalty(pos + 1, alpha),
+                                                  history[b, src_beam].tolist(), score))
                     if len(finished[b]) >= beam:
                         break
                     continue
@@ -263,11 +359,11 @@ class Seq2Seq:
     def _step_logprobs(self, P: dict, state: dict, tokens, pos: int, enc_bias):
         """log softmax of the next-token logits (N, V) after ``tokens`` at position pos."""
         xp = self.xp
-        x = P["dec.wte"][xp.asarray(tokens)][:, None, :] + P["dec.wpe"][pos]
+        x = P[self.tgt_wte][xp.asarray(tokens)][:, None, :] + P["dec.wpe"][pos]
         for i in range(self.n_dec_layer):
             x = decoder_block_step(x, P, f"dec.h{i}.", self.n_head, pos, state["self_kv"][i],
                                    state["cross_kv"][i], enc_bias)
-        head = P["dec.wte"] if self.tie_embeddings else P["lm_head.w"]
+        head = P[self.tgt_wte] if self.tie_embeddings else P["lm_head.w"]
         logits, _ = layernorm_linear_forward(x[:, 0], P["dec.lnf.w"], P.get("dec.lnf.b"), head)
         logits = logits - logits.max(axis=1, keepdims=True)
         return logits - xp.log(xp.exp(logits).sum(axis=1, keepdims=True))
@@ -322,8 +418,9 @@ class Seq2Seq:
         lay = self.layout
         ranges = [(lay["dec.lnf.w"].offset, lay.total)]
         ranges += [block_range(lay, f"dec.h{i}.") for i in reversed(range(self.n_dec_layer))]
-        ranges.append((lay["dec.wte"].offset, lay["dec.wpe"].end))
-        ranges.append((lay["enc.lnf.w"].offset, lay["dec.wte"].offset))
+        dec_emb = lay["dec.wpe"] if self.share_embeddings else lay["dec.wte"]
+        ranges.append((dec_emb.offset, lay["dec.wpe"].end))
+        ranges.append((lay["enc.lnf.w"].offset, dec_emb.offset))
         ranges += [block_range(lay, f"enc.h{i}.") for i in reversed(range(self.n_layer))]
         ranges.append((0, lay["enc.wpe"].end))
         return ranges
@@ -341,10 +438,10 @@ class Seq2Seq:
         return x, mask
 
     def _encode(self, P: dict, src, src_len, keys, ws: Workspace):
-        dt = P["enc.wte"].dtype
+        dt = P[self.src_wte].dtype
         drop = Dropout(self.xp, keys, self.dropout, dt)
         enc_bias = key_padding_bias(self.xp, src_len, src.shape[1], dt)
-        x, emb_mask = self._embed(P["enc.wte"], P["enc.wpe"], src, drop, 0, ws, "enc.x")
+        x, emb_mask = self._embed(P[self.src_wte], P["enc.wpe"], src, drop, 0, ws, "enc.x")
         blocks = [encoder_block_forward(x, P, f"enc.h{i}.", self.n_head, key_bias=enc_bias,
                                         drop=drop, site=1 + 3 * i, full_length=self.max_src_len,
                                         ws=ws)
@@ -354,15 +451,15 @@ class Seq2Seq:
 
     def _forward(self, P: dict, src, src_len, tgt_in, keys, ws: Workspace):
         enc, enc_bias, enc_caches = self._encode(P, src, src_len, keys, ws)
-        drop = Dropout(self.xp, keys, self.dropout, P["dec.wte"].dtype)
+        drop = Dropout(self.xp, keys, self.dropout, P[self.tgt_wte].dtype)
         base = 1 + 3 * self.n_layer
-        y, emb_mask = self._embed(P["dec.wte"], P["dec.wpe"], tgt_in, drop, base, ws, "dec.x")
+        y, emb_mask = self._embed(P[self.tgt_wte], P["dec.wpe"], tgt_in, drop, base, ws, "dec.x")
         full = (self.max_tgt_len, self.max_src_len)
         blocks = [decoder_block_forward(y, enc, P, f"dec.h{i}.", self.n_head, enc_bias=enc_bias,
                                         drop=drop, site=base + 1 + DEC_SITES * i,
                                         full_lengths=full, ws=ws)
                   for i in range(self.n_dec_layer)]
-        head = P["dec.wte"] if self.tie_embeddings else P["lm_head.w"]
+        head = P[self.tgt_wte] if self.tie_embeddings else P["lm_head.w"]
         logits, head_cache = layernorm_linear_forward(y, P["dec.lnf.w"], P.get("dec.lnf.b"), head,
                                                       ws=ws, name="dec.head")
         return logits, (enc_caches, enc.shape, tgt_in, emb_mask, blocks, head_cache)
@@ -373,8 +470,8 @@ class Seq2Seq:
         b, t = tgt_in.shape
         c, dt = self.n_embd, dlogits.dtype
         if not self.tie_embeddings:
-            G["dec.wte"].fill(0)
-        head = G["dec.wte"] if self.tie_embeddings else G["lm_head.w"]
+            G[self.tgt_wte].fill(0)
+        head = G[self.tgt_wte] if self.tie_embeddings else G["lm_head.w"]
         dy_head = layernorm_linear_backward(dlogits, head_cache, G["dec.lnf.w"], G.get("dec.lnf.b"),
                                             head, None, ws, "bwd.head", accumulate=False)
         dy = ws.get("bwd.dec.resid", (b, t, c), dt)
@@ -386,7 +483,7 @@ class Seq2Seq:
             decoder_block_backward(dy, d_enc, blocks[i], G, f"dec.h{i}.", ws=ws)
             notify(self.n_dec_layer - i)
         step = self.n_dec_layer + 1
-        self._embedding_backward(dy, tgt_in, emb_mask, G["dec.wte"], G["dec.wpe"], ws)
+        self._embedding_backward(dy, tgt_in, emb_mask, G[self.tgt_wte], G["dec.wpe"], ws)
         notify(step)
         dx = ws.get("bwd.enc.resid", enc_shape, dt)
         dx[...] = layernorm_backward(d_enc, enc_lnf, G["enc.lnf.w"], G.get("enc.lnf.b"), ws,
@@ -395,8 +492,9 @@ class Seq2Seq:
         for i in reversed(range(self.n_layer)):
             encoder_block_backward(dx, enc_blocks[i], G, f"enc.h{i}.", ws=ws)
             notify(step + 1 + self.n_layer - i)
-        G["enc.wte"].fill(0)
-        self._embedding_backward(dx, src, enc_emb_mask, G["enc.wte"], G["enc.wpe"], ws)
+        if not self.share_embeddings:     # a shared table already holds the decoder's part
+            G["enc.wte"].fill(0)
+        self._embedding_backward(dx, src, enc_emb_mask, G[self.src_wte], G["enc.wpe"], ws)
         notify(step + 2 + self.n_layer)
 
     def _embedding_backward(self, dx, idx, mask, dwte, dwpe, ws: Workspace) -> None:

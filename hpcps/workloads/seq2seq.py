@@ -6,7 +6,10 @@ with a tokenizer per side. Each side's model vocabulary is its tokenizer's plus
 three ids appended: PAD = V, BOS = V + 1, EOS = V + 2 (V the tokenizer's size).
 
 Item i of step t is train pair ``offsets(seed, TRAIN_STREAM, t, i, n_train)``,
-so W workers x b equals one process x W b. A worker's pairs are padded to the
+so W workers x b equals one process x W b. With ``seq2seq.length_buckets`` the
+step first picks a bucket of similar-length pairs (from (seed, t) alone) and its
+items come from that bucket; such a step's gradient is its token-summed loss over
+the mean tokens of a step, so every token weighs the same whatever its bucket. A worker's pairs are padded to the
 longest in its slice: source = tokens[:max_src_len - 1] + EOS, decoder input =
 BOS + tokens[:max_tgt_len - 1], decoder target = tokens[:max_tgt_len - 1] + EOS
 (-1 on padding). The loss is the mean over target tokens, weighted by their count.
@@ -26,9 +29,13 @@ import math
 import numpy as np
 
 from hpcps.data.sampler import DROPOUT_STREAM, TRAIN_STREAM, offsets, sequence_keys
+from hpcps.data.seqcorpus import SequenceCorpus
 from hpcps.errors import UserError
+from hpcps.metrics.text import _bleu_from_stats, bleu
+from hpcps.model.seq2seq import Seq2Seq
 from hpcps.workloads.base import Workload
 
+BUCKET_STREAM = 17                        # which length bucket a step draws from
 SPECIALS = ("pad", "bos", "eos")          # appended to each tokenizer's vocabulary, in order
 DECODE_CHUNK = 32                         # sources decoded together
 BLEU_ORDER = 4
@@ -51,12 +58,6 @@ def open_parallel_corpus(cfg):
     if not cfg.data.path:
         raise UserError("config key 'data.path' is empty: prepare a parallel corpus with "
                         "`hpcps prepare --parallel` and set data.path")
-    try:
-        from hpcps.data.seqcorpus import SequenceCorpus
-    except ModuleNotFoundError as err:
-        if err.name != "hpcps.data.seqcorpus":
-            raise
-        raise UserError("parallel corpora are not available in this build") from None
     corpus = SequenceCorpus.open(cfg.data.path)
     if corpus.kind != "parallel":
         raise UserError(f"corpus {cfg.data.path} is a '{corpus.kind}' corpus; workload "
@@ -85,7 +86,6 @@ def pad_batch(src_lists, tgt_lists, src: SideVocab, tgt: SideVocab, max_src: int
 
 def bleu_sums(hyps, refs, prefix: str) -> dict:
     """BLEU's additive statistics (n-gram matches / totals, lengths) as eval sums."""
-    from hpcps.metrics.text import bleu
     if not hyps:
         return {}
     stats = bleu(hyps, refs, tokenize="zh")
@@ -98,7 +98,6 @@ def bleu_sums(hyps, refs, prefix: str) -> dict:
 
 
 def bleu_from_sums(sums: dict, prefix: str) -> float:
-    from hpcps.metrics.text import _bleu_from_stats
     correct = [int(sums.get(f"{prefix}_correct{n + 1}", 0)) for n in range(BLEU_ORDER)]
     total = [int(sums.get(f"{prefix}_total{n + 1}", 0)) for n in range(BLEU_ORDER)]
     return _bleu_from_stats(correct, total, int(sums.get(f"{prefix}_sys_len", 0)),
@@ -109,7 +108,6 @@ class Seq2SeqWorkload(Workload):
     name = "seq2seq"
 
     def __init__(self, cfg, backend, corpus):
-        from hpcps.model.seq2seq import Seq2Seq
         m, sc = cfg.model, cfg.seq2seq
         self.cfg, self.backend, self.corpus = cfg, backend, corpus
         self.src = SideVocab(corpus.tokenizers["src"])
@@ -119,15 +117,23 @@ class Seq2SeqWorkload(Workload):
             if n < 1:
                 raise UserError(f"corpus {cfg.data.path} has no {split_name} pairs")
         self.max_src, self.max_tgt = sc.max_src_len, sc.max_tgt_len
+        if sc.share_embeddings and (corpus.tokenizers["src"].to_json()
+                                    != corpus.tokenizers["tgt"].to_json()):
+            raise UserError(f"seq2seq.share_embeddings needs one tokenizer for both sides, but "
+                            f"corpus {cfg.data.path} has one per side: prepare it with "
+                            f"--joint-vocab or set seq2seq.share_embeddings = false")
         self.model = Seq2Seq(src_vocab=self.src.size, tgt_vocab=self.tgt.size, n_layer=m.n_layer,
                              n_dec_layer=sc.n_dec_layer or m.n_layer, n_head=m.n_head,
                              n_embd=m.n_embd, max_src_len=self.max_src, max_tgt_len=self.max_tgt,
                              bias=m.bias, dropout=m.dropout, tie_embeddings=m.tie_embeddings,
-                             backend=backend)
+                             share_embeddings=sc.share_embeddings,
+                             label_smoothing=sc.label_smoothing, backend=backend)
         self.layout = self.model.layout
         self.seed = cfg.train.seed
         self.dropout = m.dropout
+        self.n_buckets = sc.length_buckets
         self._mean_lengths = None
+        self._buckets = None
 
     # -- data --------------------------------------------------------------------------
 
@@ -144,7 +150,33 @@ class Seq2SeqWorkload(Workload):
         return pad_batch(src_lists, tgt_lists, self.src, self.tgt, self.max_src, self.max_tgt)
 
     def train_batch(self, step, lo, hi):
-        return self.batch_of("train", offsets(self.seed, TRAIN_STREAM, step, lo, hi, self.n_train))
+        return self.batch_of("train", self.train_indices(step, lo, hi))
+
+    def train_indices(self, step: int, lo: int, hi: int) -> np.ndarray:
+        """Train pairs of items [lo, hi) of ``step``. With length buckets, the step first
+        draws one pair uniformly; its bucket (of pairs with similar lengths) supplies every
+        item of the step, so a step pads little. Each pair stays equally likely."""
+        if self.n_buckets <= 1:
+            return offsets(self.seed, TRAIN_STREAM, step, lo, hi, self.n_train)
+        order, bounds = self.length_buckets()
+        anchor = int(offsets(self.seed, BUCKET_STREAM, step, 0, 1, self.n_train)[0])
+        b = int(np.searchsorted(bounds, anchor, side="right")) - 1
+        start, size = bounds[b], bounds[b + 1] - bounds[b]
+        return order[start + offsets(self.seed, TRAIN_STREAM, step, lo, hi, size)]
+
+    def length_buckets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train pair indices sorted by padded length, bucket bounds into that order):
+        ``seq2seq.length_buckets`` buckets of (nearly) equal size."""
+        if self._buckets is None:
+            part = self.corpus.split("train")
+            src = np.minimum(part.lengths("src"), self.max_src - 1)
+            tgt = np.minimum(part.lengths("tgt"), self.max_tgt - 1)
+            # sort by the longer side's cost, then the other: neighbours pad to each other
+            order = np.lexsort((tgt, src + tgt)).astype(np.int64)
+            n = min(self.n_buckets, self.n_train)
+            bounds = np.array([self.n_train * k // n for k in range(n + 1)], dtype=np.int64)
+            self._buckets = (order, bounds)
+        return self._buckets
 
     def mean_lengths(self) -> tuple[float, float]:
         """Mean (source, target) positions of a train pair after truncation, with EOS / BOS."""
@@ -167,12 +199,25 @@ class Seq2SeqWorkload(Workload):
         if self.dropout > 0:
             keys = sequence_keys(self.seed, DROPOUT_STREAM, step, lo, lo + len(src))
         d = self._device
+        n_tokens = float((tgt_out != -1).sum())
+        if self.n_buckets <= 1:
+            loss = self.model.forward_backward(params, grads, d(src), d(src_len), d(tgt_in),
+                                               d(tgt_out), dropout_keys=keys)
+            return loss, n_tokens
+        # A bucket's steps hold many or few tokens; each step still makes one update. So
+        # that a token counts the same in a short step as in a long one, the gradient is
+        # the step's token-summed loss over the tokens a step holds on average.
+        scale = n_tokens / (len(src) * self.mean_lengths()[1])
         loss = self.model.forward_backward(params, grads, d(src), d(src_len), d(tgt_in),
-                                           d(tgt_out), dropout_keys=keys,
+                                           d(tgt_out), dropout_keys=keys, loss_scale=scale,
                                            on_grad_ready=on_grad_ready)
-        return loss, float((tgt_out != -1).sum())
+        return loss * scale, float(len(src))
 
     def touched_rows(self, batch):
+        if self.model.share_embeddings:
+            if not self.layout["wte"].sparse_rows:
+                return {}
+            return {"wte": np.union1d(batch[0], batch[2])}
         rows = {"enc.wte": np.unique(batch[0])}
         if self.layout["dec.wte"].sparse_rows:
             rows["dec.wte"] = np.unique(batch[2])
@@ -238,7 +283,9 @@ class Seq2SeqWorkload(Workload):
                 "n_head": m.n_head, "n_embd": m.n_embd, "max_src_len": sc.max_src_len,
                 "max_tgt_len": sc.max_tgt_len, "bias": m.bias,
                 "tie_embeddings": m.tie_embeddings,
-                "tokenizer_src_sha256": sha["src"], "tokenizer_tgt_sha256": sha["tgt"]}
+                "tokenizer_src_sha256": sha["src"], "tokenizer_tgt_sha256": sha["tgt"],
+                # only when set: checkpoints from before the option still fit on resume
+                **({"share_embeddings": True} if sc.share_embeddings else {})}
 
 
 def build(cfg, backend, corpus=None):
