@@ -29,9 +29,11 @@ from hpcps.metrics.runlog import RunLog
 from hpcps.model.blas import rank_core_share, set_blas_threads
 from hpcps.optim import make_optimizer
 from hpcps.optim.schedule import lr_schedule
+from hpcps.ps.options import check_options
 from hpcps.ps.roles import PS_MODES, Roles, build_roles
 from hpcps.ps.server import serve
 from hpcps.ps.shards import ShardSet
+from hpcps.ps.update_rules import rule_memory_bytes
 from hpcps.runtime import signals
 from hpcps.runtime.mpi import abort, agree_on_errors, cuda_aware_mpi, library_info, mpi
 from hpcps.train.loop import Trainer
@@ -90,6 +92,7 @@ def setup(config_path, overrides, comm, quiet: bool) -> RunContext:
         raise UserError(f"the resolved config differs between ranks (ranks {differing} differ from "
                         "rank 0): give every rank the same config file and overrides")
     roles = build_roles(cfg, comm)
+    check_options(cfg, roles)
     _limit_threads(roles)
     backend = get_backend(cfg.device, roles.local_rank, cfg.gpu.share) if roles.is_worker else CPU
     workload = build_workload(cfg, backend)
@@ -157,8 +160,12 @@ def run(ctx: RunContext) -> int:
 def _memory_table(ctx: RunContext, shards: ShardSet) -> None:
     """Every rank's resident bytes for the PS, printed by rank 0 as one line."""
     roles = ctx.roles
+    held = shards.memory_bytes(ctx.cfg)
+    if roles.is_server:   # delay compensation's past versions of the shard
+        lo, hi = shards.own_range
+        held += rule_memory_bytes(ctx.cfg, hi - lo, roles.n_workers)
     table = roles.comm.gather((roles.world_rank, "server" if roles.is_server else "worker",
-                               shards.memory_bytes(ctx.cfg)), root=0)
+                               held), root=0)
     if roles.world_rank == 0 and not ctx.quiet:
         parts = [f"r{r}:{kind[0]}={b / 2**20:.1f}MiB" for r, kind, b in table]
         print(f"memory per rank (params/state/buffers): {' '.join(parts)}", flush=True)
@@ -209,6 +216,15 @@ def run_worker(ctx: RunContext, shards: Optional[ShardSet]) -> int:
     return code
 
 
+def _lead_record(ctx: RunContext) -> Optional[dict]:
+    """The lead's pending record of the checkpoint this run resumes from, which every
+    worker reads (the speed-balanced split of the first step is re-derived from it)."""
+    if ctx.resume is None:
+        return None
+    saved = ctx.resume.load_worker(0, len(ctx.resume.manifest["workers"]))
+    return json.loads(saved["pending_record"]) if saved.get("pending_record") else None
+
+
 def _strategy(ctx: RunContext, shards: Optional[ShardSet], lr_fn, saved: dict):
     """(sync, params, grads) of this worker's mode; on a GPU the model's buffers live on the
     device and the strategy is wrapped so MPI gets device buffers or pinned mirrors."""
@@ -222,7 +238,8 @@ def _strategy(ctx: RunContext, shards: Optional[ShardSet], lr_fn, saved: dict):
             params = node.params if node is not None else np.zeros(layout.total, np.float32)
             grads = layout.new_buffer()
         sync = PSSync(cfg=cfg, shards=shards, params=params, checkpointer=ctx.checkpointer,
-                      worker_state=saved, node=node)
+                      worker_state=saved, node=node, start_step=ctx.start_step,
+                      resume_record=_lead_record(ctx))
         if device is not None:
             return device.wrap(sync), device.params, device.grads
         return sync, params, grads
