@@ -233,8 +233,11 @@ class WorkerCoordination:
     def pushed(self, step: int, clock: Optional[int] = None) -> None:
         """Step ``step`` was pushed: publish the clock the ssp bound reads (the pushes this
         worker has made: ``step + 1`` when all step together)."""
-        clock = step + 1 if clock is None else clock
-        self.trace.event("push", clock - 1)
+        if clock is None:
+            clock = step + 1
+            self.trace.event("push", step)
+        else:   # sample budget: the trace's step is the worker's own, plus the batch's
+            self.trace.event("push", clock - 1, batch_step=step)
         if self.mode == "ssp":
             self.wins.write(self.coord, self.L.clock + self.w, clock)
 

@@ -343,6 +343,9 @@ class Server:
         self.hist[:] = 0
         self.wins.add(self.me, C.APPLIED, carry.items)
         self._update(grad, self.lr_fn(self.version - 1), scale, move_version=False)
+        if self.is_coordinator:   # the step records were written before: say it here
+            say(f"hpcps: sync point at step {self.version}: {carry.count} late push(es), "
+                f"{carry.items} sequences, applied in one extra update before the meeting")
         carry.clear()
 
     def _weighted_mean(self, pushers, heads, shares) -> np.ndarray:
