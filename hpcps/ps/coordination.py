@@ -118,6 +118,7 @@ class WorkerCoordination:
         self.applied_seen = 0
         self.stats_waits = WaitHistory()  # bsp lead: push -> the step's published stats
         self.trace = EventTrace(self.w)
+        self.lead: Optional[int] = None   # ssp: how far ahead of the slowest the last wait let us
 
     # -- duties of every wait ----------------------------------------------------------
     def duties(self) -> None:
@@ -205,7 +206,9 @@ class WorkerCoordination:
                 if waiting and claims_end is not None and state["claimed"] >= claims_end(self.stop_at):
                     waiting = False   # nothing left to claim: go and park, do not wait
             if not waiting:
-                self.trace.event("start", clock, lead=lead)
+                self.lead = lead
+                if claims_end is None:   # with a sample budget: once the claim is valid
+                    self.trace.event("start", clock, lead=lead)
                 self.next_boundary = step + 1
                 return False
             self.duties()
@@ -215,6 +218,11 @@ class WorkerCoordination:
         """Sample budget: this worker now computes a batch of global step ``step``, so the
         earliest boundary it can still stop at is the next one."""
         self.next_boundary = step + 1
+
+    def started(self, clock: int) -> None:
+        """Sample budget: the claim was valid, the worker computes its push number ``clock``
+        (a void claim is no step: it is not traced)."""
+        self.trace.event("start", clock, lead=self.lead)
 
     def agreed_stop(self, step: int) -> Optional[int]:
         """Sample budget: the agreed stop step, if a stop is agreed. A worker that proposed a

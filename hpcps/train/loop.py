@@ -109,7 +109,7 @@ class Trainer:
                 agreed = self.sync.meet(step, reason, self.worker_state(step))
                 stop, end = bool(agreed["stop"]), bool(agreed["end"])
             self.sync.pull(step)
-            self._write_pending(step, end)
+            self._write_pending(step)
             if stop or end:
                 return self._finish(step, stop)
             self.train_step(self.sync.assign(step))
@@ -120,7 +120,7 @@ class Trainer:
         boundary = self.start_step
         if self.pending is not None:   # resumed: the record of the boundary we start at
             self.sync.pull(boundary)
-            self._write_pending(boundary, False)
+            self._write_pending(boundary)
         while True:
             work = self.sync.claim(self.next_sync_point(boundary))
             if work is not None:
@@ -136,7 +136,7 @@ class Trainer:
             agreed = self.sync.meet(boundary, reason, self.worker_state(boundary))
             stop, end = bool(agreed["stop"]), bool(agreed["end"])
             self.sync.pull(boundary)
-            self._write_pending(boundary, end)
+            self._write_pending(boundary)
             if stop or end:
                 return self._finish(boundary, stop)
 
@@ -147,14 +147,12 @@ class Trainer:
         nxt = (step // every + 1) * every if every else max_steps
         return max(step, min(nxt, max_steps))
 
-    def _write_pending(self, step: int, end: bool) -> None:
+    def _write_pending(self, step: int) -> None:
         """Lead: write the record of boundary ``step`` (evaluated when due) after the pull."""
         if self.log is None or self.pending is None:
             return
         if self.eval_due(step):
             self.pending.update(self.evaluate())
-        if end:  # every worker is done: the job's time to finish
-            self.pending["train_s"] = self.wall()
         self.log.record(self.pending)
         self.pending = None
 
@@ -164,8 +162,8 @@ class Trainer:
                           f" on some rank; checkpoint committed, exit {EXIT_REQUEUE} "
                           "(requeue me)")
             return EXIT_REQUEUE
-        if step > self.start_step:
-            self._message(f"done: {step} steps, {self.wall():.0f} s of training; "
+        if step > self.start_step:   # every worker is done: the job's time to finish
+            self._message(f"done: {step} steps, {self.wall():.2f} s of training; "
                           f"run directory {self.cfg.out_dir}")
         return EXIT_OK
 
@@ -251,14 +249,16 @@ class Trainer:
         tokens_per_s = (count * self.global_batch * self.workload.tokens_per_item / since
                         if since > 0 else 0.0)
         extras = {k: stats[k] for k in RECORD_EXTRAS if stats and k in stats}
-        extras.update(self.sync.traffic())
+        # traffic shared out over the records (sums stay right); staleness counted once
+        traffic = {k: (v / count if isinstance(v, float) else v)
+                   for k, v in self.sync.traffic().items()}
         for step in range(self.recorded + 1, upto + 1):
             record = {"step": step, "loss": self.last_loss, "lr": self.lr_fn(step - 1),
                       "grad_norm": None if not stats or stats.get("grad_norm") is None
                       else float(stats["grad_norm"]),
                       "tokens_per_s": tokens_per_s, "step_s": since / count,
-                      "wall_s": self.wall(), **extras}
-            extras = {}   # staleness and traffic counted once
+                      "wall_s": self.wall(), **extras, **traffic}
+            extras = {}
             if step == through:
                 self.pending = record
                 break

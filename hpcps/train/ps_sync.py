@@ -113,6 +113,7 @@ class PSSync:
             self.boundary = (end, end == stop_at)
             return None
         self.position = max(self.position, step + 1)
+        self.coordination.started(self.pushes)
         return Work(step, slot * self.b, (slot + 1) * self.b)
 
     def meet(self, step: int, reason: dict, worker_state: dict) -> dict:
