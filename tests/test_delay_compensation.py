@@ -1,8 +1,9 @@
 """Delay compensation (``ps.delay_compensation``): the servers' update-rule plug-in.
 
 - each rule on small arrays, exact values: none, lr (learning rate / tau), dc (DC-ASGD,
-  adaptive with AdamW's second moment), gap (Gap-Aware), and the ring of past versions
-  they read (with its clamp to the oldest version kept);
+  adaptive with AdamW's second moment), gap (Gap-Aware), lookahead (pulls extrapolated
+  along the last update by the mean staleness), and the ring of past versions dc and
+  gap read (with its clamp to the oldest version kept);
 - the memory the rules keep, as the start-up table reports it for a real job;
 - a real asp job with every rule trains (finite val loss, stale pushes corrected), and
   the one-process simulation behind the benchmark runs;
@@ -17,13 +18,16 @@ import re
 import numpy as np
 import pytest
 
-from mpi_util import REPO_ROOT, SHAKESPEARE_CHAR, check_ok, read_metrics, run_mpi, train_args
+from mpi_util import (REPO_ROOT, SHAKESPEARE_CHAR, check_ok, final_params, read_metrics, run_mpi,
+                      train_args)
 
+from hpcps.backend import CPU
 from hpcps.bench.staleness import simulate
 from hpcps.config import load_config
 from hpcps.optim.adamw import AdamW
-from hpcps.ps.update_rules import (DelayCompensated, GapAware, NoCompensation, ParamsHistory,
-                                   StalenessLR, make_update_rule, rule_memory_bytes)
+from hpcps.workloads import build_workload
+from hpcps.ps.update_rules import (DelayCompensated, GapAware, LookAhead, NoCompensation,
+                                   ParamsHistory, StalenessLR, make_update_rule, rule_memory_bytes)
 
 
 def f32(*values) -> np.ndarray:
@@ -87,6 +91,19 @@ def test_gap_divides_by_the_gap_in_mean_updates():
     np.testing.assert_allclose(grad, [3.0, 6.0 / (1 / 0.9), 6.0 / (3 / 1.1)], rtol=1e-6)
 
 
+def test_lookahead_publishes_the_params_extrapolated_by_the_mean_staleness():
+    rule = LookAhead(2)
+    rule.started(0, f32(1.0, 2.0))
+    assert rule.own.tolist() == [1.0, 2.0] and rule.private_params
+    for _ in range(20):                       # pushes 4 updates stale: tau -> 4
+        rule.correct(f32(0, 0), 0, 4, rule.own)
+    assert rule.tau == pytest.approx(4 * (1 - 0.95 ** 20))
+    rule.tau = 0.5
+    window = f32(1.0, 2.0)                    # the params before the update ...
+    rule.publish(window, f32(2.0, 0.0))       # ... and after it
+    assert window.tolist() == [2.5, -1.0]     # w + 0.5 (w - w_previous)
+
+
 def test_rules_negative_control():
     # a push two updates stale is really changed by dc and gap (the tests above can fail)
     for rule in (DelayCompensated(2, keep=3, lam=1.0), GapAware(2, keep=3)):
@@ -98,7 +115,7 @@ def test_rules_negative_control():
         assert grad.tolist() != [1.0, 1.0], rule.name
 
 
-@pytest.mark.parametrize("kind", ["none", "lr", "dc", "gap"])
+@pytest.mark.parametrize("kind", ["none", "lr", "dc", "gap", "lookahead"])
 def test_memory_formula_matches_what_the_rule_keeps(kind):
     cfg = load_config(None, [f"ps.delay_compensation={kind}", "ps.dc_versions=auto"])
     n, workers = 100_000, 4
@@ -106,6 +123,8 @@ def test_memory_formula_matches_what_the_rule_keeps(kind):
     assert rule.memory_bytes() == rule_memory_bytes(cfg, n, workers)
     if kind in ("dc", "gap"):   # 2W + 2 versions of 4 bytes per element
         assert rule.history.ring.nbytes == (2 * workers + 2) * 4 * n
+    if kind == "lookahead":     # one private copy of the shard
+        assert rule.memory_bytes() == 4 * n
 
 
 # -- jobs ------------------------------------------------------------------------------------------
@@ -123,7 +142,7 @@ def memory_line(stdout: str) -> dict:
 @pytest.mark.timeout(240)
 def test_every_rule_trains_an_asp_job(tmp_path, shakespeare_corpus):
     memory, val = {}, {}
-    for kind in ("none", "lr", "dc", "gap"):
+    for kind in ("none", "lr", "dc", "gap", "lookahead"):
         run = tmp_path / kind
         result = check_ok(run_mpi(4, train_args(SHAKESPEARE_CHAR, shakespeare_corpus, run, *TINY,
                                                 "ps.mode=asp", "ps.straggler=1:3",
@@ -140,19 +159,40 @@ def test_every_rule_trains_an_asp_job(tmp_path, shakespeare_corpus):
     assert memory["dc"] >= memory["none"] + 0.3 and memory["gap"] >= memory["none"] + 0.3
 
 
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_lookahead_saves_and_shows_the_true_params_at_sync_points(tmp_path, shakespeare_corpus):
+    """Workers pull extrapolated params while training; at the end the servers publish
+    the true ones: the lead's final evaluation is the checkpoint's params' val loss."""
+    run = tmp_path / "run"
+    check_ok(run_mpi(4, ["-q", *train_args(SHAKESPEARE_CHAR, shakespeare_corpus, run, *TINY,
+                                           "ps.mode=asp", "ps.delay_compensation=lookahead",
+                                           "checkpoint.every=10")], "mpich", timeout=100))
+    final = read_metrics(run)[-1]["val_loss"]
+    cfg = load_config(str(run / "config.toml"))
+    workload = build_workload(cfg, CPU)
+    params = final_params(run)
+    sums = workload.eval_sums(params, 0, cfg.train.eval_steps * 3 * cfg.train.batch_size)
+    assert workload.finalize_eval(sums)["val_loss"] == pytest.approx(final, rel=1e-6)
+    # negative control: params one extrapolation away give another val loss
+    moved = params * np.float32(1.001)
+    sums = workload.eval_sums(moved, 0, cfg.train.eval_steps * 3 * cfg.train.batch_size)
+    assert workload.finalize_eval(sums)["val_loss"] != pytest.approx(final, rel=1e-6)
+
+
 def test_the_simulation_runs_every_rule(shakespeare_corpus):
     config = str(REPO_ROOT / SHAKESPEARE_CHAR)
     base = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
             "train.batch_size=2", "train.max_steps=6", "train.eval_steps=1",
             f"data.path={shakespeare_corpus}"]
     results = {}
-    for kind in ("none", "dc", "gap", "lr"):
+    for kind in ("none", "dc", "gap", "lr", "lookahead"):
         cfg = load_config(config, [*base, f"ps.delay_compensation={kind}"])
         results[kind] = simulate(cfg, 3, [1.0, 1.0, 2.0])
         assert results[kind]["staleness_max"] >= 2
     bsp = simulate(load_config(config, base), 3, [1.0, 1.0, 2.0], mode="bsp")
     assert "staleness_mean" not in bsp and math.isfinite(bsp["val_loss"])
-    assert len({round(r["val_loss"], 9) for r in results.values()}) == 4   # four rules differ
+    assert len({round(r["val_loss"], 9) for r in results.values()}) == 5   # five rules differ
 
 
 @pytest.mark.mpi
@@ -164,6 +204,6 @@ def test_unknown_compensation_is_one_line_exit_2(tmp_path, shakespeare_corpus):
                      "mpich", timeout=50)
     errors = [x for x in result.stderr.splitlines() if x.strip()]
     assert result.returncode == 2 and len(errors) == 1, result.stderr
-    assert ("config key 'ps.delay_compensation': 'taylor' is not one of none, dc, gap, lr"
-            in errors[0]), errors
+    assert ("config key 'ps.delay_compensation': 'taylor' is not one of none, dc, gap, lr, "
+            "lookahead" in errors[0]), errors
     assert not run.exists()

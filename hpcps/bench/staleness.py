@@ -12,7 +12,7 @@ of a shared machine. ``--mode bsp`` runs the synchronous reference on the same s
 
     python -m hpcps.bench.staleness configs/shakespeare_char.toml data.path=... \\
         model.n_layer=2 model.n_embd=64 train.batch_size=4 train.max_steps=300 \\
-        --workers 4 --times 1,1,1,2 --rules none,lr,dc,gap
+        --workers 4 --times 1,1,1,2 --rules none,lr,dc,gap,lookahead
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ def simulate(cfg, workers: int, times: list[float], mode: str = "asp") -> dict:
     total = cfg.train.max_steps * workers
     version, stale = 0, []
     rule.started(version, params)
+    # what the optimizer steps: params, or the rule's private copy (then params is what
+    # workers pull, as the server's params window)
+    state = rule.own if rule.private_params else params
     losses = []
     if mode == "bsp":
         mean = np.zeros(n, dtype=np.float32)
@@ -69,17 +72,21 @@ def simulate(cfg, workers: int, times: list[float], mode: str = "asp") -> dict:
             losses.append(loss)
             _, scale = clip_coefficient(float(grads @ grads), cfg.train.grad_clip)
             stale.append(version - pulled_version[w])
-            factor = rule.correct(grads, pulled_version[w], version, params)
-            opt.step(params, grads, lr_fn(step) * factor, scale)
+            factor = rule.correct(grads, pulled_version[w], version, state)
+            if state is not params:
+                params[:] = state
+            opt.step(state, grads, lr_fn(step) * factor, scale)
+            if state is not params:
+                rule.publish(params, state)
             version += 1
-            rule.applied(version, params)
+            rule.applied(version, state)
             if next_claim < total:
                 claims[w] = next_claim
                 next_claim += 1
                 pulled[w][:] = params
                 pulled_version[w] = version
                 heapq.heappush(events, (now + times[w], w))
-    sums = workload.eval_sums(params, 0, cfg.train.eval_steps * workers * b)
+    sums = workload.eval_sums(state, 0, cfg.train.eval_steps * workers * b)
     out = {"mode": mode, "rule": cfg.ps.delay_compensation,
            "val_loss": workload.finalize_eval(sums)["val_loss"],
            "train_loss_last": float(np.mean(losses[-max(1, len(losses) // 10):]))}
@@ -95,7 +102,8 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--times", default="1,1,1,2", help="time per batch of each worker")
-    parser.add_argument("--rules", default="none,lr,dc,gap")
+    parser.add_argument("--rules", default="none,lr,dc,gap,lookahead",
+                        help="rules to run; dc@LAMBDA sets ps.dc_lambda")
     parser.add_argument("--bsp", action="store_true", help="also run the bsp reference")
     args = parser.parse_args(argv)
     times = [float(t) for t in args.times.split(",")]

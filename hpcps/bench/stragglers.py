@@ -12,8 +12,9 @@ steps; asp/ssp: the global sample budget, ``ps.budget = samples``) with W =
 
 Modes (``--straggler-modes``): bsp, bsp+balance (``ps.balance = speed``), bsp+backup
 (``ps.backup_workers = 1``), ssp (``ps.staleness = --staleness``), asp, and asp with
-each delay compensation (asp+lr, asp+dc, asp+gap); ``asp-steps`` is the old asp whose
-every worker runs its own steps (``ps.budget = worker_steps``).
+each delay compensation (asp+lr, asp+dc, asp+gap, asp+lookahead; also ssp+lookahead);
+``asp-steps`` is the old asp whose every worker runs its own steps
+(``ps.budget = worker_steps``).
 
 Per run: **time to finish** (the seconds of training in the lead's closing "done:" line,
 written once every worker is done),
@@ -42,10 +43,13 @@ MODES = {
     "asp+lr": ["ps.mode=asp", "ps.delay_compensation=lr"],
     "asp+dc": ["ps.mode=asp", "ps.delay_compensation=dc"],
     "asp+gap": ["ps.mode=asp", "ps.delay_compensation=gap"],
+    "asp+lookahead": ["ps.mode=asp", "ps.delay_compensation=lookahead"],
+    "ssp+lookahead": ["ps.mode=ssp", "ps.delay_compensation=lookahead"],
     "asp-steps": ["ps.mode=asp", "ps.budget=worker_steps"],
 }
-DEFAULT_MODES = "bsp,bsp+balance,bsp+backup,ssp,asp,asp+lr,asp+dc,asp+gap"
-TARGETS = {"straggler": {"bsp+balance": 1.6, "asp+gap": 1.6, "asp+dc": 1.6},
+DEFAULT_MODES = "bsp,bsp+balance,bsp+backup,ssp,asp,asp+lr,asp+dc,asp+gap,asp+lookahead"
+TARGETS = {"straggler": {"bsp+balance": 1.6, "asp+lr": 1.6, "asp+dc": 1.6, "asp+gap": 1.6,
+                         "asp+lookahead": 1.6},
            "transient": {"ssp": 1.3}}
 VAL_TARGET = 0.05
 

@@ -92,7 +92,10 @@ field("ps.delay_compensation", "str", "none",
       "asp/ssp (and bsp's late pushes with ps.backup_workers): how a server corrects a gradient "
       "computed on params tau updates old. dc: g + dc_lambda * g*g*(w - w_pulled) (DC-ASGD); "
       "gap: g divided elementwise by max(1, |w - w_pulled| / mean update size) (Gap-Aware); "
-      "lr: learning rate / max(1, tau); none.", choices=("none", "dc", "gap", "lr"))
+      "lr: learning rate / max(1, tau); lookahead: workers pull the params extrapolated "
+      "along the last update by the mean staleness, w + tau * (w - w_previous), so gradients "
+      "are computed near where they are applied (asp/ssp only); none.",
+      choices=("none", "dc", "gap", "lr", "lookahead"))
 field("ps.dc_lambda", "float", 1.0,
       "DC-ASGD's lambda, scaled per element by 1 / sqrt(v) of AdamW (adaptive DC-ASGD).",
       min=0.0)

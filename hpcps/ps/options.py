@@ -7,7 +7,8 @@ roles are known, so a bad combination is one line and exit 2 on every rank:
 - ``ps.balance = speed`` splits a *bsp* step's global batch; asp and ssp balance by
   handing out samples (``ps.budget = samples``) instead;
 - ``ps.backup_workers`` is a bsp rule and needs at least one push to wait for;
-- ``ps.delay_compensation`` corrects stale pushes: asp, ssp, or bsp's late pushes;
+- ``ps.delay_compensation`` corrects stale pushes: asp, ssp, or bsp's late pushes
+  (lookahead, which moves every pull, only asp and ssp);
 - the sample budget hands batches to single workers, which a node hierarchy (whose
   workers step together) cannot take.
 """
@@ -52,6 +53,9 @@ def check_options(cfg, roles) -> None:
         if ps.backup_workers >= roles.n_workers:
             raise UserError(f"ps.backup_workers = {ps.backup_workers} must be below the number of "
                             f"workers ({roles.n_workers}): a step needs at least one push")
+    if ps.delay_compensation == "lookahead" and mode not in ASYNC_MODES:
+        raise UserError(f"ps.delay_compensation = lookahead extrapolates the params workers pull "
+                        f"by the staleness of asp or ssp, not ps.mode = {mode}")
     if ps.delay_compensation != "none":
         if mode not in ASYNC_MODES and not (mode == "bsp" and ps.backup_workers):
             raise UserError(f"ps.delay_compensation = {ps.delay_compensation} corrects stale "

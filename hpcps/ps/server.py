@@ -89,6 +89,9 @@ class Server:
         # delay compensation: corrects stale pushes (asp/ssp, and bsp's late ones)
         self.rule = make_update_rule(cfg, self.codec.n, self.W, optimizer)
         self.rule.started(version, self.params)
+        # the params the optimizer steps: the window's, or the rule's private ones (then the
+        # window holds what the rule publishes, e.g. lookahead's extrapolation)
+        self.state = self.rule.own if self.rule.private_params else self.params
         # bsp with backup workers: late pushes wait in `carry` for the next update
         self.backup = cfg.ps.backup_workers if self.mode == "bsp" else 0
         self.start_version = version
@@ -208,6 +211,7 @@ class Server:
                     pass
                 if self.carry is not None and self.carry.count:
                     self._apply_carry_alone()
+                self._publish_true_params()
                 self.sync_epoch = self.wins.read(self.coordinator, C.SYNC_EPOCH)
                 self.idle_since = None  # the collective's time is no push gap
                 return self.sync_epoch
@@ -215,6 +219,13 @@ class Server:
                 self.backoff.reset(self.push_gaps.expect() if self.mode == "bsp" else 0.0)
             else:
                 self.backoff.pause()
+
+    def _publish_true_params(self) -> None:
+        """At a sync point workers read (and the checkpoint saves) the true params."""
+        if self.state is not self.params:
+            self.wins.begin_write(self.duties)
+            self.params[:] = self.state
+            self.wins.end_write()
 
     def slot_states(self) -> np.ndarray:
         L = self.L
@@ -321,7 +332,7 @@ class Server:
         self.acc.fill(0.0)
         self.codec.decode_add(self._payload(p, int(head[Header.NBYTES])), self.acc, 1.0)
         pulled = int(head[Header.PULLED_VERSION])
-        factor = self.rule.correct(self.acc, pulled, self.version, self.params, self.progress)
+        factor = self.rule.correct(self.acc, pulled, self.version, self.state, self.progress)
         weight = i2f(head[Header.WEIGHT])
         self.carry.acc += self.acc * np.float32(weight * factor)
         self.carry.add(weight, i2f(head[Header.LOSS]), int(head[Header.ITEMS]))
@@ -368,7 +379,7 @@ class Server:
         pulled = int(head[Header.PULLED_VERSION])
         self.hist[min(max(0, self.version - pulled), HIST_BINS - 1)] += 1
         # the params only change here, so the rule may read them outside the gate
-        factor = self.rule.correct(self.acc, pulled, self.version, self.params, self.progress)
+        factor = self.rule.correct(self.acc, pulled, self.version, self.state, self.progress)
         self._update(self.acc, self.lr_fn(int(head[Header.STEP])) * factor,
                      i2f(head[Header.SCALE]))
         self.wins.add_block(self.me, self.L.hist, self.hist)
@@ -387,7 +398,11 @@ class Server:
         ``release`` (bsp): the pushers whose slots to free after the step (it may have read
         from them) and before the version moves (a worker that sees t+1 finds its slot free)."""
         self.wins.begin_write(self.duties)
-        self.opt.step(self.params, grad, lr, scale, between=self.progress)
+        if self.state is not self.params:
+            self.params[:] = self.state   # the window keeps the params before this update
+        self.opt.step(self.state, grad, lr, scale, between=self.progress)
+        if self.state is not self.params:
+            self.rule.publish(self.params, self.state, self.progress)
         if len(release) == self.P:
             self.wins.write_block(self.me, self.L.slot_state, np.zeros(self.P, np.int64))
         else:  # backup workers: a slot left out may be filling right now; leave it alone
@@ -397,7 +412,7 @@ class Server:
             self.version += 1
             self.wins.write(self.me, C.VERSION, self.version)
         self.wins.end_write()
-        self.rule.applied(self.version, self.params, self.progress)
+        self.rule.applied(self.version, self.state, self.progress)
 
     def _allreduce_servers(self, value: float) -> float:
         comm = self.roles.server_comm
@@ -417,7 +432,7 @@ class Server:
     def snapshot(self) -> dict:
         state = {k: (np.array(v, copy=True) if hasattr(v, "shape") else v)
                  for k, v in self.opt.state().items()}
-        state["params"] = np.array(self.params, copy=True)
+        state["params"] = np.array(self.state, copy=True)
         state["version"] = self.version
         return state
 

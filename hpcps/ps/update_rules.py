@@ -14,11 +14,20 @@ and scale the learning rate; after the step it sees the new params.
 - ``gap``: Gap-Aware, g divided elementwise by max(1, |w - w_pulled| / C), C the
   moving average of one update's size per element: a push is damped by how many
   typical updates the params moved since it was computed.
+- ``lookahead``: compensate before the gradient is computed instead of after. The
+  server keeps the true params privately and lets workers pull them extrapolated
+  along the last update, w + tau_hat * (w - w_previous), tau_hat the running mean
+  staleness of the pushes it applies: a gradient is then computed close to the params
+  it will be applied to (the idea of DANA, with the optimizer's own last step as the
+  direction, so it works for AdamW and SGD alike). At every sync point (checkpoint,
+  stop, end) the true params are published again, so evaluations there, checkpoints
+  and resumes see them.
 
 dc and gap need the params each push was computed on. A push names the version it
 pulled; the server keeps the last K versions of its shard in a ring (``ParamsHistory``,
 ``ps.dc_versions``): **4·K·n bytes** for a shard of n elements, plus 4·n for gap's C.
 A push staler than K − 1 updates is compared with the oldest version kept.
+lookahead keeps one private copy of the params: **4·n bytes**.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ Between = Optional[Callable[[], None]]
 
 class UpdateRule(Protocol):
     name: str
+    # True: the server steps the rule's private copy of the params (``own``), and
+    # ``publish`` writes what workers pull into the params window
+    private_params: bool
 
     def memory_bytes(self) -> int:
         """Bytes this rule keeps per shard (beyond params, optimizer state and slots)."""
@@ -51,6 +63,10 @@ class UpdateRule(Protocol):
     def applied(self, version: int, params: np.ndarray, between: Between = None) -> None:
         """The update that made ``version`` is done (``params`` are its params)."""
 
+    def publish(self, window: np.ndarray, params: np.ndarray, between: Between = None) -> None:
+        """``private_params`` rules: ``window`` holds the params before the update that just
+        made ``params``; write into it what workers should pull."""
+
 
 def _chunks(n: int):
     for lo in range(0, n, CHUNK):
@@ -59,6 +75,7 @@ def _chunks(n: int):
 
 class NoCompensation:
     name = "none"
+    private_params = False
 
     def memory_bytes(self) -> int:
         return 0
@@ -71,6 +88,9 @@ class NoCompensation:
 
     def applied(self, version, params, between=None) -> None:
         pass
+
+    def publish(self, window, params, between=None) -> None:
+        raise NotImplementedError("only a rule with private params publishes")
 
 
 class StalenessLR(NoCompensation):
@@ -196,6 +216,37 @@ class GapAware(_Compensating):
         grad /= delta
 
 
+class LookAhead(NoCompensation):
+    """Workers pull w + tau_hat * (w - w_previous); the true w is ``own``, private."""
+    name = "lookahead"
+    private_params = True
+    SHARE = 0.05          # weight of one push in the running mean staleness
+
+    def __init__(self, n: int):
+        self.own = np.zeros(n, dtype=np.float32)
+        self.tau = 0.0    # running mean staleness of the pushes applied
+
+    def memory_bytes(self) -> int:
+        return self.own.nbytes
+
+    def started(self, version, params) -> None:
+        self.own[:] = params
+
+    def correct(self, grad, pulled, version, params, between=None) -> float:
+        self.tau += self.SHARE * (max(0, version - pulled) - self.tau)
+        return 1.0
+
+    def publish(self, window, params, between=None) -> None:
+        tau = np.float32(self.tau)
+        for lo, hi in _chunks(len(params)):
+            ahead = window[lo:hi]
+            ahead -= params[lo:hi]          # previous - w
+            ahead *= -tau                   # tau * (w - previous)
+            ahead += params[lo:hi]
+            if between is not None:
+                between()
+
+
 def history_versions(cfg, n_workers: int) -> int:
     """``ps.dc_versions``: past versions a server keeps (auto: 2W + 2)."""
     keep = cfg.ps.dc_versions
@@ -211,12 +262,16 @@ def make_update_rule(cfg, n: int, n_workers: int, optimizer=None) -> UpdateRule:
         return DelayCompensated(n, history_versions(cfg, n_workers), cfg.ps.dc_lambda, optimizer)
     if kind == "gap":
         return GapAware(n, history_versions(cfg, n_workers))
+    if kind == "lookahead":
+        return LookAhead(n)
     return NoCompensation()
 
 
 def rule_memory_bytes(cfg, n: int, n_workers: int) -> int:
     """What ``make_update_rule`` keeps for a shard of ``n`` elements, without building it."""
     kind = cfg.ps.delay_compensation
+    if kind == "lookahead":
+        return 4 * n    # the private params
     if kind not in ("dc", "gap"):
         return 0
     scratch = min(n, CHUNK) * 4 * (2 if kind == "dc" else 1)
