@@ -76,11 +76,13 @@ field("ps.straggler_pattern", "str", "",
       "with ps.straggler.", check=_pattern_check)
 field("ps.balance", "str", "none",
       "bsp only. speed: split each step's global batch (train.batch_size x workers sequences) among "
-      "the workers in proportion to their measured throughput, re-planned every ps.balance_every "
-      "steps; the result still equals one process with the global batch. none: equal slices.",
+      "the workers by their measured speed; the coordinator re-plans every ps.balance_every steps "
+      "and keeps a split only if the measured step time says it is faster; the result still "
+      "equals one process with the global batch. none: equal slices.",
       choices=("none", "speed"))
-field("ps.balance_every", "int", 10,
-      "Steps between two re-plans of the speed-balanced split.", min=1)
+field("ps.balance_every", "int", 20,
+      "Steps between two re-plans of the speed-balanced split (each re-plan compares the "
+      "median step time of this many steps).", min=1)
 field("ps.budget", "str", "auto",
       "asp/ssp: samples: the job trains on train.max_steps x workers x train.batch_size "
       "sequences in all, handed out batch by batch to whichever worker is free (fast workers take "
@@ -96,7 +98,7 @@ field("ps.delay_compensation", "str", "none",
       "along the last update by the mean staleness, w + tau * (w - w_previous), so gradients "
       "are computed near where they are applied (asp/ssp only); none.",
       choices=("none", "dc", "gap", "lr", "lookahead"))
-field("ps.dc_lambda", "float", 1.0,
+field("ps.dc_lambda", "float", 2.0,
       "DC-ASGD's lambda, scaled per element by 1 / sqrt(v) of AdamW (adaptive DC-ASGD).",
       min=0.0)
 field("ps.dc_versions", "int_or_auto", AUTO,

@@ -5,69 +5,42 @@ function of (seed, step, index); only *who computes which* changes. Worker w tak
 the contiguous items [lo_w, hi_w); the servers weight every push by its tokens, so
 the update equals one process with the global batch whatever the split.
 
-Who plans: every worker, from the same inputs. The coordinator keeps a moving average
-of each worker's compute seconds per sequence (from the push headers) and publishes it
-with every bsp step, before the version moves. At a re-plan step t (t a multiple of
-``ps.balance_every``) every worker reads those averages after pulling version t —
-nobody can have pushed step t yet, so all read the same bits — and computes the same
-split with ``plan_split``. A split is kept until the next re-plan step, and only
-replaced when the new one is predicted to be clearly faster (no flapping on noise).
+Who plans: the coordinator, from what it measures, and it publishes the split of the
+next step in control words before the version moves (every worker reads them after
+its pull, so all use the same split). A model of each worker's speed (seconds per
+sequence, or a line with a fixed part) is not enough: workers that share cores slow
+each other down, so taking sequences away from a straggler also speeds up the
+others. The planner therefore checks every proposal on the *measured step time*: every
+``ps.balance_every`` steps it notes the median step time of the split in force; standing
+on the fastest split measured so far, it tries a new one that the measured compute
+times say is clearly faster (if each worker's time grew in proportion to its
+sequences) — the split that would balance them, or one sequence moved from the worker
+that computed longest to the one that computed shortest (if that does not look slower)
+— and otherwise returns to the fastest split measured. Noise alone does not make it
+wander: a split must measure 5 % faster to be kept. On a persistent straggler it walks to the best split in a few periods and
+stays there; it leaves it again only when a measurement says so.
 
-Restart: the lead's record of every step carries the split and the averages it saw
-(``split``, ``item_ms``); a resumed run re-derives the split of its first step from the
-record saved with the checkpoint, so it splits exactly as the uninterrupted run would
-have at that step. Another worker count (an elastic restart, a worker joining or
-leaving) starts from equal slices and re-plans at the next re-plan step.
+Restart: the lead's record of every step carries the split published for the next
+step (``split``); a resumed run's coordinator publishes the split of the record saved
+with the checkpoint, so the resumed steps split exactly as the uninterrupted run's
+did until its next re-plan. Another worker count (an elastic restart) starts from
+equal slices.
 """
 
 from __future__ import annotations
 
 import heapq
+import statistics
 from typing import Optional, Sequence
 
-EMA_SHARE = 0.3          # weight of the newest measurement in the moving average
-SWITCH_GAIN = 0.03       # replace a split only when the new one is predicted >= 3 % faster
+GAIN = 0.05              # a measured split must be 5 % faster to count as faster
+SETTLE_STEPS = 1         # steps after a start or a change whose times are not measured
+MIN_SAMPLES = 3          # step times a period needs before it decides anything
 
 
 def equal_split(total: int, workers: int) -> list[int]:
     base, extra = divmod(total, workers)
     return [base + (1 if w < extra else 0) for w in range(workers)]
-
-
-def predicted_step_s(counts: Sequence[int], item_seconds: Sequence[float]) -> float:
-    """A bsp step lasts as long as its slowest slice."""
-    return max(n * s for n, s in zip(counts, item_seconds))
-
-
-def fastest_split(total: int, item_seconds: Sequence[float]) -> list[int]:
-    """Counts summing to ``total`` (at least one each) that minimise the slowest slice's
-    time: give sequences one at a time to the worker that would finish it first (exact for
-    equal-cost sequences). Ties go to the lower worker index: deterministic."""
-    W = len(item_seconds)
-    counts = [1] * W
-    heap = [(2 * item_seconds[w], w) for w in range(W)]
-    heapq.heapify(heap)
-    for _ in range(total - W):
-        _, w = heapq.heappop(heap)
-        counts[w] += 1
-        heapq.heappush(heap, ((counts[w] + 1) * item_seconds[w], w))
-    return counts
-
-
-def plan_split(total: int, item_seconds: Sequence[float],
-               current: Optional[Sequence[int]] = None) -> list[int]:
-    """The split for the next steps: ``current`` unless the fastest split is predicted to
-    be ``SWITCH_GAIN`` faster, or the measurements are incomplete."""
-    W = len(item_seconds)
-    if current is not None and (len(current) != W or sum(current) != total):
-        current = None
-    if not all(s > 0 for s in item_seconds):
-        return list(current) if current is not None else equal_split(total, W)
-    best = fastest_split(total, item_seconds)
-    if current is not None and (predicted_step_s(best, item_seconds) * (1 + SWITCH_GAIN)
-                                >= predicted_step_s(current, item_seconds)):
-        return list(current)
-    return best
 
 
 def slice_of(counts: Sequence[int], worker: int) -> tuple[int, int]:
@@ -76,15 +49,112 @@ def slice_of(counts: Sequence[int], worker: int) -> tuple[int, int]:
     return lo, lo + counts[worker]
 
 
-class SpeedAverages:
-    """Coordinator: moving average of each worker's compute seconds per sequence."""
+def valid_split(split, total: int, workers: int) -> bool:
+    return (split is not None and len(split) == workers and sum(split) == total
+            and min(split) >= 1)
 
-    def __init__(self, workers: int):
-        self.values = [0.0] * workers
 
-    def add(self, worker: int, seconds: float, items: int) -> None:
-        if seconds <= 0 or items <= 0:
-            return
-        per_item = seconds / items
-        old = self.values[worker]
-        self.values[worker] = per_item if old == 0 else (1 - EMA_SHARE) * old + EMA_SHARE * per_item
+def moved(split: Sequence[int], source: int, target: int) -> Optional[tuple]:
+    """``split`` with one sequence moved from ``source`` to ``target`` (None: cannot)."""
+    if source == target or split[source] <= 1:
+        return None
+    out = list(split)
+    out[source] -= 1
+    out[target] += 1
+    return tuple(out)
+
+
+def predicted_s(split: Sequence[int], per_sequence: Sequence[float]) -> float:
+    """The slowest slice if a slice of n costs n x ``per_sequence[w]``."""
+    return max(n * cost for n, cost in zip(split, per_sequence))
+
+
+def fastest_split(total: int, per_sequence: Sequence[float]) -> tuple:
+    """Counts summing to ``total`` (at least one each) that minimise the slowest slice if a
+    slice of n costs n x ``per_sequence[w]``: give sequences one at a time to the worker
+    that would finish it first (ties: the lower index, so the result is deterministic)."""
+    counts = [1] * len(per_sequence)
+    heap = [(2 * cost, w) for w, cost in enumerate(per_sequence)]
+    heapq.heapify(heap)
+    for _ in range(total - len(counts)):
+        _, w = heapq.heappop(heap)
+        counts[w] += 1
+        heapq.heappush(heap, ((counts[w] + 1) * per_sequence[w], w))
+    return tuple(counts)
+
+
+def choose(split: tuple, tried: dict, candidate: Optional[tuple]) -> tuple:
+    """The next split: explore ``candidate`` when it is new and we stand on the fastest
+    split measured so far (within GAIN); otherwise go to the fastest measured split when
+    it is clearly faster than ours; otherwise stay."""
+    best = min(tried, key=tried.get)
+    at_best = tried[split] <= tried[best] * (1 + GAIN)
+    if candidate is not None and candidate not in tried and at_best:
+        return candidate
+    if tried[best] * (1 + GAIN) < tried[split]:
+        return best
+    return split
+
+
+class SplitSearch:
+    """Coordinator: the split in force and the search for a faster one (module doc)."""
+
+    def __init__(self, total: int, workers: int, every: int, start_step: int,
+                 split: Optional[Sequence[int]] = None):
+        self.total, self.W, self.every = total, workers, every
+        self.split = tuple(split) if valid_split(split, total, workers) else \
+            tuple(equal_split(total, workers))
+        self.tried: dict[tuple, float] = {}
+        self._reset(start_step)
+
+    def _reset(self, step: int) -> None:
+        self.measure_from = step + SETTLE_STEPS
+        self.compute: list[list[float]] = [[] for _ in range(self.W)]
+        self.step_times: list[float] = []
+
+    def observe_push(self, worker: int, seconds: float, step: int) -> None:
+        """Worker ``worker`` computed its slice of ``step`` in ``seconds``."""
+        if step >= self.measure_from and seconds > 0:
+            self.compute[worker].append(seconds)
+
+    def observe_step(self, step: int, seconds: float) -> None:
+        """Update ``step`` came ``seconds`` after the previous one."""
+        if step >= self.measure_from and seconds > 0:
+            self.step_times.append(seconds)
+
+    def _candidate(self, compute: list[float]) -> Optional[tuple]:
+        """An untried split to measure next: the one that would balance the computes if each
+        worker's time grew in proportion to its sequences; when that one is tried, a
+        sequence from the worker that computed longest (ties: the one with the dearest
+        sequences, or the next longest if tried) to the one that computed shortest."""
+        per_sequence = [c / n for c, n in zip(compute, self.split)]
+        now = predicted_s(self.split, per_sequence)
+        proportional = fastest_split(self.total, per_sequence)
+        if proportional not in self.tried and predicted_s(proportional, per_sequence) * (1 + GAIN) < now:
+            return proportional
+        # a fixed part of each step makes the proportional model too shy of taking the last
+        # sequences from a straggler: a single move need only not look slower
+        source = max(range(self.W), key=lambda w: (compute[w], per_sequence[w]))
+        candidate = moved(self.split, source, compute.index(min(compute)))
+        if candidate is not None and candidate not in self.tried \
+                and predicted_s(candidate, per_sequence) <= now:
+            return candidate
+        return None
+
+    def next_split(self, step: int) -> tuple:
+        """The split of ``step`` (asked while update ``step - 1`` is applied)."""
+        if step % self.every or len(self.step_times) < MIN_SAMPLES \
+                or not all(self.compute):
+            return self.split
+        measured = statistics.median(self.step_times)
+        old = self.tried.get(self.split)
+        self.tried[self.split] = measured if old is None else 0.5 * (old + measured)
+        compute = [statistics.median(c) for c in self.compute]
+        chosen = choose(self.split, self.tried, self._candidate(compute))
+        if chosen != self.split:
+            self.split = chosen
+            self._reset(step)
+        else:
+            self.compute = [[] for _ in range(self.W)]
+            self.step_times = []
+        return self.split

@@ -48,10 +48,9 @@ class ControlLayout:
         self.proposal = self.excluded + w        # [w] coordinator: stop proposal (step + 1)
         self.parked = self.proposal + w          # [w] coordinator: parked at step + 1
         self.hist = self.parked + w              # [HIST_BINS] staleness histogram of this shard
-        # [w] coordinator, ps.balance = speed: float64 bits of each worker's moving average of
-        # compute seconds per sequence, published with every bsp step
-        self.item_seconds = self.hist + HIST_BINS
-        self.size = self.item_seconds + w
+        # [w] coordinator, ps.balance = speed: each worker's sequences of the next bsp step
+        self.split = self.hist + HIST_BINS
+        self.size = self.split + w
 
     # the block a worker reads once per step from the coordinator
     @property

@@ -274,11 +274,10 @@ class WorkerCoordination:
         self.stats_waits.add(time.monotonic() - started)
         return {"loss": i2f(block[0]), "grad_norm": i2f(block[1])}
 
-    def item_seconds(self) -> list[float]:
-        """bsp, ps.balance = speed: each worker's moving average of compute seconds per
-        sequence, as the coordinator published it with the last step."""
-        block = self.wins.read_block(self.coord, self.L.item_seconds, self.L.item_seconds + self.W)
-        return [i2f(v) for v in block]
+    def split(self) -> list[int]:
+        """bsp, ps.balance = speed: each worker's sequences of the step the coordinator
+        published last (the step this worker pulled, or after its push the next one)."""
+        return self.wins.read_block(self.coord, self.L.split, self.L.split + self.W).tolist()
 
     def claim(self) -> int:
         """Sample budget: take the next batch number (a raw count; see ``PSSync.claim``)."""

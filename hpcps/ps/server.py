@@ -24,7 +24,7 @@ from hpcps.errors import EXIT_OK, EXIT_PEER_DEAD, EXIT_REQUEUE
 from hpcps.optim.clip import clip_coefficient
 from hpcps.ps import control as C
 from hpcps.ps.backup import Carry, step_is_ready, sync_boundary_ahead
-from hpcps.ps.balance import SpeedAverages
+from hpcps.ps.balance import SplitSearch
 from hpcps.ps.control import HIST_BINS, f2i, i2f
 from hpcps.ps.coordination import meet
 from hpcps.ps.shards import ShardSet
@@ -41,11 +41,12 @@ of a sync point (``comm`` for the checkpoint's own collectives)."""
 
 
 def serve(*, cfg, shards: ShardSet, optimizer, lr_fn: Callable[[int], float], params: np.ndarray,
-          version: int, save: Optional[ShardSave] = None) -> int:
+          version: int, save: Optional[ShardSave] = None, split=None) -> int:
     """A server rank: apply pushes to this shard until the job stops or ends; returns the
-    exit code (EXIT_OK at the end, EXIT_REQUEUE after an agreed stop)."""
+    exit code (EXIT_OK at the end, EXIT_REQUEUE after an agreed stop). ``split``: the
+    speed-balanced split saved with the checkpoint this run resumes from."""
     server = Server(cfg=cfg, shards=shards, optimizer=optimizer, lr_fn=lr_fn,
-                    params_init=params, version=version)
+                    params_init=params, version=version, split=split)
     shards.roles.comm.Barrier()  # shards hold their initial params before any worker pulls
     lo, hi = shards.own_range
 
@@ -66,7 +67,8 @@ class Server:
     """One shard's owner: its params (in the params window), optimizer state, push slots
     and control words; ``serve_until_sync`` is its event loop."""
 
-    def __init__(self, *, cfg, shards: ShardSet, optimizer, lr_fn, params_init, version: int = 0):
+    def __init__(self, *, cfg, shards: ShardSet, optimizer, lr_fn, params_init, version: int = 0,
+                 split=None):
         roles, wins = shards.roles, shards.wins
         self.cfg, self.roles, self.wins = cfg, roles, wins
         self.codec = shards.codecs[roles.server_index]
@@ -97,9 +99,14 @@ class Server:
         self.start_version = version
         self.carry = Carry(self.codec.n) if self.backup else None
         self.pushed_through = [version - 1] * self.P
-        # coordinator, ps.balance = speed: each worker's compute seconds per sequence
-        self.speeds = (SpeedAverages(self.W) if cfg.ps.balance == "speed" and self.is_coordinator
-                       else None)
+        # coordinator, ps.balance = speed: the split of each step, published before the
+        # version moves (workers pull after the start barrier: the first one is there)
+        self.splits = None
+        if cfg.ps.balance == "speed" and self.is_coordinator:
+            self.splits = SplitSearch(self.W * cfg.train.batch_size, self.W,
+                                      cfg.ps.balance_every, version, split)
+            self.wins.write_block(self.me, self.L.split, np.array(self.splits.split, np.int64))
+        self.last_update = None
         self.loss_sum = self.weight_sum = 0.0   # coordinator, asp/ssp: of the pushes applied
         # we own window memory: over a network module, others' atomics on it complete only
         # while we are inside MPI, so every wait and every long local loop calls this
@@ -284,15 +291,21 @@ class Server:
         for p, h in zip(pushers, heads):
             self.hist[min(max(0, self.version - int(h[Header.PULLED_VERSION])), HIST_BINS - 1)] += 1
             self.pushed_through[p] = self.version
-            if self.speeds is not None:
-                self.speeds.add(p, i2f(h[Header.COMPUTE_S]), int(h[Header.ITEMS]))
+            if self.splits is not None:
+                self.splits.observe_push(p, i2f(h[Header.COMPUTE_S]), int(h[Header.STEP]))
         # the step's stats and staleness counts are published before the version moves (the
         # lead worker reads them right after its push, while this server updates)
         self.wins.add_block(self.me, self.L.hist, self.hist)
         self.hist[:] = 0
-        if self.speeds is not None:  # read by every worker at the next re-plan step
-            self.wins.write_block(self.me, self.L.item_seconds,
-                                  np.array([f2i(v) for v in self.speeds.values], dtype=np.int64))
+        if self.splits is not None:   # every worker reads it after pulling the next version
+            now = time.monotonic()
+            if self.last_update is not None:
+                self.splits.observe_step(self.version, now - self.last_update)
+            self.last_update = now
+            before = self.splits.split
+            if self.splits.next_split(self.version + 1) != before:
+                self.wins.write_block(self.me, self.L.split,
+                                      np.array(self.splits.split, np.int64))
         self.wins.add(self.me, C.APPLIED, items)   # before the stats: the lead reads both after
         if self.is_coordinator:
             self.wins.write_block(self.me, C.LAST_LOSS,
@@ -337,8 +350,6 @@ class Server:
         self.carry.acc += self.acc * np.float32(weight * factor)
         self.carry.add(weight, i2f(head[Header.LOSS]), int(head[Header.ITEMS]))
         self.hist[min(max(0, self.version - pulled), HIST_BINS - 1)] += 1
-        if self.speeds is not None:
-            self.speeds.add(p, i2f(head[Header.COMPUTE_S]), int(head[Header.ITEMS]))
         self.pushed_through[p] = self.version - 1
         self.wins.write(self.me, self.L.slot_state + p, 0)
 

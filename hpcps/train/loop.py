@@ -32,7 +32,7 @@ from hpcps.runtime import signals
 from hpcps.train.stragglers import Straggler
 from hpcps.train.sync import StepSync, Work
 
-RECORD_EXTRAS = ("staleness_mean", "staleness_max", "staleness_counts", "split", "item_s")
+RECORD_EXTRAS = ("staleness_mean", "staleness_max", "staleness_counts", "split")
 
 
 class Trainer:

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from hpcps.optim.clip import clip_coefficient
-from hpcps.ps.balance import equal_split, plan_split, slice_of
+from hpcps.ps.balance import slice_of
 from hpcps.ps.client import PSClient
 from hpcps.ps.coordination import WorkerCoordination
 from hpcps.ps.node import NodeGroup
@@ -41,9 +41,7 @@ class PSSync:
 
     def __init__(self, *, cfg, shards: ShardSet, params: np.ndarray, checkpointer=None,
                  worker_state: Optional[dict] = None, node: Optional[NodeGroup] = None,
-                 start_step: int = 0, resume_record: Optional[dict] = None):
-        """``resume_record``: the lead's pending record saved with the checkpoint this run
-        resumes from (every worker reads it: the speed-balanced split is re-derived from it)."""
+                 start_step: int = 0):
         roles = shards.roles
         self.cfg, self.checkpointer, self.node = cfg, checkpointer, node
         self.mode = roles.mode
@@ -52,15 +50,8 @@ class PSSync:
         self.W, self.w, self.b = roles.n_workers, roles.worker_index, cfg.train.batch_size
         self.start_step = start_step
         self.pushes = 0                 # this worker's pushes in this job: its ssp clock
-        # bsp speed balance: the split in force, and the averages saved with the checkpoint
-        self.balance_every = cfg.ps.balance_every if cfg.ps.balance == "speed" else 0
-        self.counts = equal_split(self.W * self.b, self.W)
-        self.saved_item_s: Optional[list] = None
-        if self.balance_every and resume_record:
-            split, seconds = resume_record.get("split"), resume_record.get("item_s")
-            if split and len(split) == self.W and sum(split) == self.W * self.b:
-                self.counts = [int(n) for n in split]
-                self.saved_item_s = seconds
+        # bsp speed balance: the coordinator publishes each step's split
+        self.balance = cfg.ps.balance == "speed"
         # sample budget (asp/ssp): see the module docstring
         self.samples_budget = samples_budget(cfg, self.mode)
         self.claim_base = start_step * self.W
@@ -85,15 +76,11 @@ class PSSync:
         return self.coordination.should_stop(step)
 
     def assign(self, step: int) -> Work:
-        """This worker's slice of step ``step``: equal, or the speed-balanced split, which
-        every worker re-plans alike at the re-plan steps (``hpcps.ps.balance``)."""
-        if not self.balance_every:
+        """This worker's slice of step ``step``: equal, or the speed-balanced split the
+        coordinator published for it before its version moved (``hpcps.ps.balance``)."""
+        if not self.balance:
             return Work(step, self.w * self.b, (self.w + 1) * self.b)
-        if step % self.balance_every == 0 and step > 0:
-            seconds = (self.saved_item_s if step == self.start_step and self.saved_item_s
-                       else self.coordination.item_seconds())
-            self.counts = plan_split(self.W * self.b, seconds, self.counts)
-        return Work(step, *slice_of(self.counts, self.w))
+        return Work(step, *slice_of(self.coordination.split(), self.w))
 
     def claim(self, limit: int) -> Optional[Work]:
         """Sample budget: the next batch before boundary ``limit`` (see the module docstring);
@@ -161,9 +148,8 @@ class PSSync:
         if self.is_lead:
             if self.mode == "bsp":  # the aggregate's loss and norm, published by the coordinator
                 stats.update(self.coordination.step_stats(step))
-                if self.balance_every:   # what the split was, and what the next plan will read
-                    stats["split"] = list(self.counts)
-                    stats["item_s"] = self.coordination.item_seconds()
+                if self.balance:   # published with the stats: the next step's split, which
+                    stats["split"] = self.coordination.split()   # a resumed run restores
             stats.update(self.coordination.staleness())
             stats["items_applied"] = self.coordination.items_applied()
             if self.samples_budget:

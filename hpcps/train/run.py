@@ -188,7 +188,7 @@ def run_server(ctx: RunContext, shards: ShardSet) -> int:
     def save(reason, comm, shard) -> None:
         ctx.checkpointer.save(reason["step"], shard=shard, worker=None, reason=reason, comm=comm)
     return serve(cfg=cfg, shards=shards, optimizer=optimizer, lr_fn=lr_schedule(cfg),
-                 params=params, version=version, save=save)
+                 params=params, version=version, save=save, split=_saved_split(ctx))
 
 
 def run_worker(ctx: RunContext, shards: Optional[ShardSet]) -> int:
@@ -216,13 +216,14 @@ def run_worker(ctx: RunContext, shards: Optional[ShardSet]) -> int:
     return code
 
 
-def _lead_record(ctx: RunContext) -> Optional[dict]:
-    """The lead's pending record of the checkpoint this run resumes from, which every
-    worker reads (the speed-balanced split of the first step is re-derived from it)."""
+def _saved_split(ctx: RunContext) -> Optional[list]:
+    """The speed-balanced split the checkpoint this run resumes from was taken with (in
+    the lead's pending record: the split published for the step it resumes at)."""
     if ctx.resume is None:
         return None
     saved = ctx.resume.load_worker(0, len(ctx.resume.manifest["workers"]))
-    return json.loads(saved["pending_record"]) if saved.get("pending_record") else None
+    record = json.loads(saved["pending_record"]) if saved.get("pending_record") else {}
+    return record.get("split")
 
 
 def _strategy(ctx: RunContext, shards: Optional[ShardSet], lr_fn, saved: dict):
@@ -238,8 +239,7 @@ def _strategy(ctx: RunContext, shards: Optional[ShardSet], lr_fn, saved: dict):
             params = node.params if node is not None else np.zeros(layout.total, np.float32)
             grads = layout.new_buffer()
         sync = PSSync(cfg=cfg, shards=shards, params=params, checkpointer=ctx.checkpointer,
-                      worker_state=saved, node=node, start_step=ctx.start_step,
-                      resume_record=_lead_record(ctx))
+                      worker_state=saved, node=node, start_step=ctx.start_step)
         if device is not None:
             return device.wrap(sync), device.params, device.grads
         return sync, params, grads
