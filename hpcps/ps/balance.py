@@ -11,7 +11,8 @@ its pull, so all use the same split). A model of each worker's speed (seconds pe
 sequence, or a line with a fixed part) is not enough: workers that share cores slow
 each other down, so taking sequences away from a straggler also speeds up the
 others. The planner therefore checks every proposal on the *measured step time*: every
-``ps.balance_every`` steps it notes the median step time of the split in force; standing
+``ps.balance_every`` steps (the first time after 5) it notes the median step time of the
+split in force; standing
 on the fastest split measured so far, it tries a new one that the measured compute
 times say is clearly faster (if each worker's time grew in proportion to its
 sequences) — the split that would balance them, or one sequence moved from the worker
@@ -35,7 +36,8 @@ from typing import Optional, Sequence
 
 GAIN = 0.05              # a measured split must be 5 % faster to count as faster
 SETTLE_STEPS = 1         # steps after a start or a change whose times are not measured
-MIN_SAMPLES = 3          # step times a period needs before it decides anything
+MIN_SAMPLES = 4          # step times a period needs before it decides anything
+FIRST_PERIOD = 5         # steps measured before the first decision after a start
 
 
 def equal_split(total: int, workers: int) -> list[int]:
@@ -105,7 +107,10 @@ class SplitSearch:
         self.split = tuple(split) if valid_split(split, total, workers) else \
             tuple(equal_split(total, workers))
         self.tried: dict[tuple, float] = {}
+        self.period = every
         self._reset(start_step)
+        # the equal split of a start is usually far off: decide early the first time
+        self.decide_at = start_step + SETTLE_STEPS + max(FIRST_PERIOD, MIN_SAMPLES)
 
     def _reset(self, step: int) -> None:
         self.measure_from = step + SETTLE_STEPS
@@ -143,14 +148,20 @@ class SplitSearch:
 
     def next_split(self, step: int) -> tuple:
         """The split of ``step`` (asked while update ``step - 1`` is applied)."""
-        if step % self.every or len(self.step_times) < MIN_SAMPLES \
+        if step < self.decide_at or len(self.step_times) < MIN_SAMPLES \
                 or not all(self.compute):
             return self.split
         measured = statistics.median(self.step_times)
+        best_before = min(self.tried.values(), default=float("inf"))
         old = self.tried.get(self.split)
         self.tried[self.split] = measured if old is None else 0.5 * (old + measured)
         compute = [statistics.median(c) for c in self.compute]
         chosen = choose(self.split, self.tried, self._candidate(compute))
+        # a period that found nothing faster makes the next one twice as long (up to 8x):
+        # once the best split is found, the search mostly stays there
+        found = measured * (1 + GAIN) < best_before
+        self.period = self.every if found else min(8 * self.every, 2 * self.period)
+        self.decide_at = step + self.period
         if chosen != self.split:
             self.split = chosen
             self._reset(step)
