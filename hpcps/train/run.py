@@ -161,9 +161,11 @@ def _memory_table(ctx: RunContext, shards: ShardSet) -> None:
     """Every rank's resident bytes for the PS, printed by rank 0 as one line."""
     roles = ctx.roles
     held = shards.memory_bytes(ctx.cfg)
-    if roles.is_server:   # delay compensation's past versions of the shard
+    if roles.is_server:   # delay compensation's past versions, backup workers' carry
         lo, hi = shards.own_range
         held += rule_memory_bytes(ctx.cfg, hi - lo, roles.n_workers)
+        if roles.mode == "bsp" and ctx.cfg.ps.backup_workers:
+            held += 4 * (hi - lo)
     table = roles.comm.gather((roles.world_rank, "server" if roles.is_server else "worker",
                                held), root=0)
     if roles.world_rank == 0 and not ctx.quiet:
