@@ -307,7 +307,7 @@ class RecordingSync:
     def grad_ready(self, lo, hi):
         self.calls.append(("ready", lo, hi, self.grads[lo:hi].copy()))
 
-    def push(self, step, grads, weight, loss, items):
+    def push(self, step, grads, weight, loss, items, compute_s=0.0):
         self.calls.append(("push", step, grads.copy()))
         return {"loss": loss}
 

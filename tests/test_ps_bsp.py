@@ -175,9 +175,14 @@ def test_bench_train_runs_every_experiment(tmp_path, shakespeare_corpus):
     assert report["overhead"]["ratio_median"] > 0
     assert {r["mode"] for r in report["scaling"]} == {"bsp", "ssp", "asp", "allreduce"}
     assert all(r["tokens_per_s"] > 0 for r in report["scaling"])
-    for mode in ("bsp", "ssp", "asp"):
-        assert report["straggler"][mode]["tokens_per_s"] > 0
-        assert math.isfinite(report["straggler"][mode]["val_loss"])
+    for kind in ("straggler", "transient"):
+        for mode, row in report[kind]["modes"].items():
+            assert row["tokens_per_s"] > 0 and row["finish_s"] > 0, (kind, mode)
+            assert math.isfinite(row["val_loss"]), (kind, mode)
+    assert set(report["straggler"]["modes"]) == {"bsp", "bsp+balance", "bsp+backup", "ssp", "asp",
+                                                 "asp+lr", "asp+dc", "asp+gap"}
+    # speed balance changes only the summation order of bsp's steps
+    assert report["straggler"]["modes"]["bsp+balance"]["max_step_loss_rel_diff"] < 1e-4
     ck = report["checkpoint"]
     assert ck["every"] == 4 and ck["steps"] == 14 and len(ck["overhead"]) == 1
     assert min(ck["with_step_s"] + ck["without_step_s"]) > 0

@@ -8,8 +8,10 @@ Experiments (``--experiments``, default all):
   server one BLAS thread and the worker the node's cores (it only streams through
   memory; idle BLAS threads busy-waiting on a shared core would slow the worker).
 - ``scaling``: tokens/s of bsp, ssp, asp and allreduce at W = 2, 4, 7 workers.
-- ``straggler``: W workers, the last one ``--straggler-factor`` times slower: tokens/s of
-  ssp(``--staleness``) and asp relative to bsp, and the final val loss of each.
+- ``straggler``: W workers, the last one ``--straggler-factor`` times slower; ``transient``:
+  one random worker slower at each step (``--transient-pattern``). Time to finish the same
+  budget of samples, tokens/s and val loss of bsp, speed-balanced bsp, backup workers,
+  ssp(``--staleness``), asp and asp with delay compensation (``hpcps.bench.stragglers``).
 - ``checkpoint``: BSP 1 server + 1 worker with ``checkpoint.every = --checkpoint-every`` vs
   without periodic checkpoints, interleaved: the *mean* step time (checkpoint steps included)
   of each, and the overhead (target <= 5 %).
@@ -33,13 +35,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from hpcps.bench.network import format_network, network_experiment
+from hpcps.bench.stragglers import DEFAULT_MODES, check_modes, format_stragglers, straggler_experiment
 from hpcps.config import load_config
 from hpcps.config.paths import resolve_config_path
 from hpcps.errors import UserError
 
-EXPERIMENTS = ("overhead", "scaling", "straggler", "checkpoint", "network")
+EXPERIMENTS = ("overhead", "scaling", "straggler", "transient", "checkpoint", "network")
 MODES = ("bsp", "ssp", "asp", "allreduce")
 # several ranks per core: one BLAS thread each, or their threads fight over the cores
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -51,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="shakespeare_char",
                         help="TOML config or a name in configs/ (default shakespeare_char, "
                              "nanoGPT's CPU shape)")
-    parser.add_argument("--experiments", default=",".join(EXPERIMENTS[:4]),
+    parser.add_argument("--experiments", default=",".join(EXPERIMENTS[:5]),
                         help=f"comma list of {', '.join(EXPERIMENTS)} (default all but network, "
                              "which needs MPICH)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
@@ -63,7 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--straggler-factor", type=float, default=2.0)
     parser.add_argument("--staleness", type=int, default=3, help="ssp bound in the straggler runs")
     parser.add_argument("--straggler-steps", type=int, default=300,
-                        help="steps per worker in the straggler runs (val loss is compared)")
+                        help="global steps of samples in the straggler runs (val loss is "
+                             "compared)")
+    parser.add_argument("--straggler-modes", default=DEFAULT_MODES,
+                        help="modes of the straggler and transient runs (see "
+                             "hpcps.bench.stragglers)")
+    parser.add_argument("--transient-pattern", default="random:2",
+                        help="ps.straggler_pattern of the transient runs")
+    parser.add_argument("--straggler-eval-every", type=int, default=0,
+                        help="evaluate every N steps in the straggler runs (for plots)")
     parser.add_argument("--checkpoint-every", type=int, default=100,
                         help="checkpoint interval in the checkpoint runs")
     parser.add_argument("--mpirun", default="mpirun",
@@ -99,14 +111,19 @@ def check_args(args) -> dict:
         raise UserError("--warmup and --staleness must be >= 0")
     if args.straggler_factor < 1.0:
         raise UserError(f"--straggler-factor must be >= 1, got {args.straggler_factor:g}")
+    try:
+        straggler_modes = check_modes(args.straggler_modes)
+    except ValueError as err:
+        raise UserError(f"--straggler-modes: {err}") from None
     config = resolve_config_path(args.config)
     cfg = load_config(config, args.overrides)  # bad keys are reported before any launch
+    load_config(config, [*args.overrides, f"ps.straggler_pattern={args.transient_pattern}"])
     if cfg.workload != "synthetic" and not cfg.data.path:
         raise UserError("no corpus: give data.path=... (prepare one with `hpcps prepare`)")
     if cfg.data.path and not os.path.exists(cfg.data.path):
         raise UserError(f"data.path not found: {cfg.data.path}")
     return {"experiments": experiments, "modes": modes, "config": config, "cfg": cfg,
-            "workers": _int_list(args.workers, "workers")}
+            "workers": _int_list(args.workers, "workers"), "straggler_modes": straggler_modes}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,24 +189,26 @@ class Runner:
         self.root = Path(".")
         self.count = 0
         self.cores = os.cpu_count() or 1
+        self.one_thread = ONE_THREAD
         self.tokens_per_item = (self.cfg.model.block_size if self.cfg.workload != "synthetic"
                                 else 1)
 
     # -- launching -------------------------------------------------------------------------
-    def _train_args(self, out_dir: Path, extra) -> list[str]:
-        base = ["-q", "train", self.plan["config"], *self.args.overrides,
+    def _train_args(self, out_dir: Path, extra, quiet: bool = True) -> list[str]:
+        base = [*(["-q"] if quiet else []), "train", self.plan["config"], *self.args.overrides,
                 "train.eval_every=0", "train.peak_flops=1e9", f"out_dir={out_dir}"]
         return base + list(extra)
 
     def launch(self, ranks: int, extra, *, env_extra: dict | None = None,
-               traced: bool = False) -> tuple[Path, list[dict]]:
-        """One ``hpcps train`` job; returns its run directory and metrics records."""
+               traced: bool = False, output: Optional[list] = None) -> tuple[Path, list[dict]]:
+        """One ``hpcps train`` job; returns its run directory and metrics records.
+        ``output``: a list to append the job's stdout to (then it is not quiet)."""
         self.count += 1
         out_dir = self.root / f"run{self.count:03d}"
         env = {**os.environ, **(env_extra or {})}
         if traced:
             env["HPCPS_PS_TRACE"] = str(out_dir / "trace")
-        argv = self._train_args(out_dir, extra)
+        argv = self._train_args(out_dir, extra, quiet=output is None)
         py = [sys.executable, "-m", "mpi4py", "-m", "hpcps"]
         if ranks == 1:
             cmd = [sys.executable, "-m", "hpcps", *argv]
@@ -204,6 +223,8 @@ class Runner:
         if done.returncode != 0:
             tail = " | ".join(done.stderr.strip().splitlines()[-3:])
             raise UserError(f"a benchmark run failed (exit {done.returncode}): {tail}")
+        if output is not None:
+            output.append(done.stdout)
         return out_dir, read_records(out_dir)
 
     def _per_step_tokens(self, workers: int) -> int:
@@ -278,31 +299,10 @@ class Runner:
         return rows
 
     def straggler(self) -> dict:
-        a = self.args
-        workers = a.straggler_workers
-        slow_rank = workers - 1  # the server is the highest rank; rank 0 (the lead) is fast
-        runs = {"bsp": [], "ssp": [], "asp": []}
-        for _ in range(a.repeats):
-            for mode in runs:
-                ranks, extra = self._mode_args(mode, workers, [
-                    f"train.max_steps={a.straggler_steps}", f"ps.staleness={a.staleness}",
-                    f"ps.straggler={slow_rank}:{a.straggler_factor:g}"])
-                out_dir, records = self.launch(ranks, extra, env_extra=ONE_THREAD, traced=True)
-                runs[mode].append({"tokens_per_s": self._throughput(mode, workers, out_dir,
-                                                                    records, a.warmup),
-                                   "val_loss": records[-1].get("val_loss")})
-        out = {"workers": workers, "ranks": workers + 1, "slow_rank": slow_rank,
-               "factor": a.straggler_factor, "staleness": a.staleness,
-               "steps": a.straggler_steps, "oversubscribed": workers + 1 > self.cores,
-               "target_speedup": 1.5, "target_val_delta": 0.05}
-        base_tps = statistics.median(r["tokens_per_s"] for r in runs["bsp"])
-        base_val = statistics.median(r["val_loss"] for r in runs["bsp"])
-        for mode, values in runs.items():
-            tps = statistics.median(r["tokens_per_s"] for r in values)
-            val = statistics.median(r["val_loss"] for r in values)
-            out[mode] = {"tokens_per_s": tps, "speedup_vs_bsp": tps / base_tps,
-                         "val_loss": val, "val_delta_vs_bsp": val - base_val, "runs": values}
-        return out
+        return straggler_experiment(self, "straggler")
+
+    def transient(self) -> dict:
+        return straggler_experiment(self, "transient")
 
 
 def format_summary(result: dict) -> str:
@@ -324,15 +324,9 @@ def format_summary(result: dict) -> str:
             cells = [f"{r['mode']} {r['tokens_per_s']:,.0f}{'*' if r['oversubscribed'] else ''}"
                      for r in rows]
             lines.append(f"  W={workers}: " + " | ".join(cells))
-    if "straggler" in result:
-        s = result["straggler"]
-        lines.append(f"straggler: {s['workers']} workers, rank {s['slow_rank']} {s['factor']:g}x "
-                     f"slower, {s['steps']} steps each{' (oversubscribed)' if s['oversubscribed'] else ''}")
-        for mode in ("bsp", "ssp", "asp"):
-            m = s[mode]
-            name = f"ssp({s['staleness']})" if mode == "ssp" else mode
-            lines.append(f"  {name:7s} {m['tokens_per_s']:>10,.0f} tok/s  {m['speedup_vs_bsp']:.2f}x"
-                         f"  val {m['val_loss']:.4f} ({m['val_delta_vs_bsp']:+.4f})")
+    for kind in ("straggler", "transient"):
+        if kind in result:
+            lines += format_stragglers(kind, result[kind])
     if "network" in result:
         lines += format_network(result["network"])
     if "checkpoint" in result:

@@ -48,3 +48,64 @@ field("ps.dead_timeout", "float", 120.0,
       min=0.0, min_exclusive=True)
 field("ps.straggler", "str", "", "Slow ranks down for experiments: 'RANK:FACTOR[,...]'.",
       check=_straggler_check)
+
+
+def _pattern_check(value: str) -> Optional[str]:
+    if value == "":
+        return None
+    kind, _, rest = value.partition(":")
+    parts = rest.split(":") if rest else []
+    try:
+        if kind == "random" and len(parts) == 1:
+            ok = float(parts[0]) >= 1.0
+        elif kind == "burst" and len(parts) == 2:
+            ok = int(parts[0]) >= 1 and float(parts[1]) >= 1.0
+        else:
+            ok = False
+    except ValueError:
+        ok = False
+    if not ok:
+        return f"expected 'random:FACTOR' or 'burst:STEPS:FACTOR' with FACTOR >= 1, got {value!r}"
+    return None
+
+
+field("ps.straggler_pattern", "str", "",
+      "Transient slowdowns for experiments: 'random:FACTOR' (at each of its steps a worker is "
+      "FACTOR times slower when a seeded draw over the workers picks it: one slow worker per bsp "
+      "step) or 'burst:STEPS:FACTOR' (the same draw once per block of STEPS steps). Multiplies "
+      "with ps.straggler.", check=_pattern_check)
+field("ps.balance", "str", "none",
+      "bsp only. speed: split each step's global batch (train.batch_size x workers sequences) among "
+      "the workers by their measured speed; the coordinator re-plans every ps.balance_every steps "
+      "and keeps a split only if the measured step time says it is faster; the result still "
+      "equals one process with the global batch. none: equal slices.",
+      choices=("none", "speed"))
+field("ps.balance_every", "int", 20,
+      "Steps between two re-plans of the speed-balanced split (each re-plan compares the "
+      "median step time of this many steps).", min=1)
+field("ps.budget", "str", "auto",
+      "asp/ssp: samples: the job trains on train.max_steps x workers x train.batch_size "
+      "sequences in all, handed out batch by batch to whichever worker is free (fast workers take "
+      "more; the learning-rate schedule follows the samples consumed); worker_steps: every worker "
+      "runs train.max_steps steps of its own. auto: samples, but worker_steps with "
+      "ps.hierarchy = node (a node's workers step together).",
+      choices=("auto", "samples", "worker_steps"))
+field("ps.delay_compensation", "str", "none",
+      "asp/ssp (and bsp's late pushes with ps.backup_workers): how a server corrects a gradient "
+      "computed on params tau updates old. dc: g + dc_lambda * g*g*(w - w_pulled) (DC-ASGD); "
+      "gap: g divided elementwise by max(1, |w - w_pulled| / mean update size) (Gap-Aware); "
+      "lr: learning rate / max(1, tau); lookahead: workers pull the params extrapolated "
+      "along the last update by the mean staleness, w + tau * (w - w_previous), so gradients "
+      "are computed near where they are applied (asp/ssp only); none.",
+      choices=("none", "dc", "gap", "lr", "lookahead"))
+field("ps.dc_lambda", "float", 2.0,
+      "DC-ASGD's lambda, scaled per element by 1 / sqrt(v) of AdamW (adaptive DC-ASGD).",
+      min=0.0)
+field("ps.dc_versions", "int_or_auto", AUTO,
+      "dc and gap: past parameter versions each server keeps to know what a push was computed on "
+      "(auto: 2 x workers + 2); a push staler than that is compared with the oldest kept. Costs "
+      "4 bytes x shard elements per version.", min=1)
+field("ps.backup_workers", "int", 0,
+      "bsp: apply step t once all but this many pushes of step t arrived; a late push is applied "
+      "with the next step (staleness 1, no data dropped), and no worker may fall further behind.",
+      min=0)

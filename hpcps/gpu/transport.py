@@ -193,6 +193,12 @@ class DeviceSync:
     def should_stop(self, step: int) -> bool:
         return self.inner.should_stop(step)
 
+    def __getattr__(self, name):
+        # the rest of the protocol (assign, claim, samples_budget, boundary) is the inner's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def meet(self, step: int, reason: dict, worker_state: dict) -> dict:
         return self.inner.meet(step, reason, worker_state)
 
@@ -219,9 +225,10 @@ class DeviceSync:
         self.stager.begin(self.inner.start_push(self.mpi_grads, touched))
         return self.stager.ready
 
-    def push(self, step: int, grads, weight: float, loss: float, items: int) -> dict:
+    def push(self, step: int, grads, weight: float, loss: float, items: int,
+             compute_s: float = 0.0) -> dict:
         self.stager.finish()
-        return self.inner.push(step, self.mpi_grads, weight, loss, items)
+        return self.inner.push(step, self.mpi_grads, weight, loss, items, compute_s)
 
 
 class PSDeviceBuffers:

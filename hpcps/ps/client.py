@@ -78,8 +78,9 @@ class PSClient:
         self._touched = None
         self.overlap = cfg.ps.overlap
         # bsp: the server frees all slots of step t before it moves VERSION to t+1, and we push
-        # step t+1 only after pulling version t+1, so the slot is free without asking
-        self.slot_always_free = self.mode == "bsp"
+        # step t+1 only after pulling version t+1, so the slot is free without asking (not with
+        # backup workers: a late push of step t may still wait in it for update t+1)
+        self.slot_always_free = self.mode == "bsp" and not cfg.ps.backup_workers
         self.version_waits = WaitHistory()  # bsp: push -> next version, mostly the server's update
 
     def wait_until(self, condition: Callable[[], bool], backoff: Optional[Backoff] = None) -> None:
@@ -229,7 +230,7 @@ class PSClient:
         return self._touched if self.cfg.ps.sparse_embedding else None
 
     def push(self, step: int, *, weight: float, loss: float, scale: float,
-             items: int) -> PushHandle:
+             items: int, compute_s: float = 0.0) -> PushHandle:
         """Send what backward's callback has not sent yet, then the headers; ``wait`` on the
         handle flushes and raises the flags."""
         for s, rank in enumerate(self.servers):
@@ -237,7 +238,7 @@ class PSClient:
             header[Header.STEP] = step
             header[Header.WEIGHT] = f2i(weight)
             header[Header.LOSS] = f2i(loss)
-            header[Header.CLOCK] = step + 1
+            header[Header.COMPUTE_S] = f2i(compute_s)
             header[Header.SCALE] = f2i(scale)
             header[Header.ITEMS] = items
             if not self._sent[s]:

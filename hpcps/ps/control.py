@@ -25,7 +25,10 @@ LAST_STEP = 6        # step that LAST_LOSS / LAST_NORM belong to
 APPLIED = 7          # items (sequences, pairs) of the pushes applied (all modes)
 PARAMS_GATE = 8      # readers-writer gate of the params window: +1 per reader in flight,
                      # +WRITER while the owner updates (see PSWindows.enter_read)
-N_SCALARS = 9
+CLAIMED = 9          # coordinator, sample budget (asp/ssp): batches claimed by workers (SUM)
+LOSS_SUM = 10        # coordinator, asp/ssp: float64 bits of sum(weight * loss) of pushes applied
+WEIGHT_SUM = 11      # coordinator, asp/ssp: float64 bits of sum(weight) of pushes applied
+N_SCALARS = 12
 
 WRITER = 1 << 40     # the owner's share of PARAMS_GATE: far above any reader count
 
@@ -45,7 +48,9 @@ class ControlLayout:
         self.proposal = self.excluded + w        # [w] coordinator: stop proposal (step + 1)
         self.parked = self.proposal + w          # [w] coordinator: parked at step + 1
         self.hist = self.parked + w              # [HIST_BINS] staleness histogram of this shard
-        self.size = self.hist + HIST_BINS
+        # [w] coordinator, ps.balance = speed: each worker's sequences of the next bsp step
+        self.split = self.hist + HIST_BINS
+        self.size = self.split + w
 
     # the block a worker reads once per step from the coordinator
     @property

@@ -11,6 +11,9 @@ Control words live on the coordinator (server 0), see docs/protocol.md:
   answered between steps the others would wait for its proposal while it waits
   for them.
 - ssp: before step c, wait until every non-excluded worker's clock >= c - s.
+  With a sample budget the clock is the worker's own count of pushes, and the
+  wait also ends once the batches before the next sync point are all handed out
+  (a worker parked there will not push again before the meeting).
 - sync points (checkpoint, stop, end): park at the step, wait for the coordinator
   to open a sync epoch (all workers parked, servers drained), then ``meet``.
 """
@@ -115,6 +118,7 @@ class WorkerCoordination:
         self.applied_seen = 0
         self.stats_waits = WaitHistory()  # bsp lead: push -> the step's published stats
         self.trace = EventTrace(self.w)
+        self.lead: Optional[int] = None   # ssp: how far ahead of the slowest the last wait let us
 
     # -- duties of every wait ----------------------------------------------------------
     def duties(self) -> None:
@@ -165,11 +169,17 @@ class WorkerCoordination:
         def part(start):
             return block[start - lo:start - lo + self.W]
         return {"stop": int(block[C.STOP_REQUEST - lo]), "clock": part(self.L.clock),
-                "excluded": part(self.L.excluded), "proposal": part(self.L.proposal)}
+                "excluded": part(self.L.excluded), "proposal": part(self.L.proposal),
+                "claimed": int(block[C.CLAIMED - lo])}
 
-    def should_stop(self, step: int) -> bool:
-        """Wait as the protocol says before ``step``; True when every worker stops here."""
+    def should_stop(self, step: int, clock: Optional[int] = None,
+                    claims_end: Optional[Callable[[Optional[int]], int]] = None) -> bool:
+        """Wait as the protocol says before ``step``; True when every worker stops here.
+        Sample budget: ``step`` is the boundary this worker can still stop at, ``clock`` its
+        pushes so far, and ``claims_end(stop_at)`` the CLAIMED count at which the batches
+        before the next sync point (or the agreed stop) are all handed out."""
         self.next_boundary = None
+        clock = step if clock is None else clock
         backoff = Backoff()
         while True:
             self._request_stop_if_signalled()
@@ -188,23 +198,56 @@ class WorkerCoordination:
             lead = None
             if not waiting and self.mode == "ssp":
                 clocks = state["clock"].copy()
-                clocks[self.w] = step
+                clocks[self.w] = clock
                 live = state["excluded"] == 0
                 live[self.w] = True
-                lead = step - int(clocks[live].min())
+                lead = clock - int(clocks[live].min())
                 waiting = lead > self.cfg.ps.staleness
+                if waiting and claims_end is not None and state["claimed"] >= claims_end(self.stop_at):
+                    waiting = False   # nothing left to claim: go and park, do not wait
             if not waiting:
-                self.trace.event("start", step, lead=lead)
+                self.lead = lead
+                if claims_end is None:   # with a sample budget: once the claim is valid
+                    self.trace.event("start", clock, lead=lead)
                 self.next_boundary = step + 1
                 return False
             self.duties()
             backoff.pause()
 
-    def pushed(self, step: int) -> None:
-        """Step ``step`` was pushed: publish the clock the ssp bound reads."""
-        self.trace.event("push", step)
+    def claimed(self, step: int) -> None:
+        """Sample budget: this worker now computes a batch of global step ``step``, so the
+        earliest boundary it can still stop at is the next one."""
+        self.next_boundary = step + 1
+
+    def started(self, clock: int) -> None:
+        """Sample budget: the claim was valid, the worker computes its push number ``clock``
+        (a void claim is no step: it is not traced)."""
+        self.trace.event("start", clock, lead=self.lead)
+
+    def agreed_stop(self, step: int) -> Optional[int]:
+        """Sample budget: the agreed stop step, if a stop is agreed. A worker that proposed a
+        boundary and now holds a batch of ``step`` at or past it waits for every proposal
+        first (it must not pass its own proposal before the agreement)."""
+        backoff = Backoff()
+        while self.stop_at is None and self.proposal and step + 1 >= self.proposal:
+            state = self._read_coord()
+            if np.all(state["proposal"] > 0):
+                self.stop_at = int(state["proposal"].max()) - 1
+                break
+            self.duties()
+            backoff.pause()
+        return self.stop_at
+
+    def pushed(self, step: int, clock: Optional[int] = None) -> None:
+        """Step ``step`` was pushed: publish the clock the ssp bound reads (the pushes this
+        worker has made: ``step + 1`` when all step together)."""
+        if clock is None:
+            clock = step + 1
+            self.trace.event("push", step)
+        else:   # sample budget: the trace's step is the worker's own, plus the batch's
+            self.trace.event("push", clock - 1, batch_step=step)
         if self.mode == "ssp":
-            self.wins.write(self.coord, self.L.clock + self.w, step + 1)
+            self.wins.write(self.coord, self.L.clock + self.w, clock)
 
     # -- sync points -------------------------------------------------------------------
     def park_and_meet(self, step: int, reason: dict, save: Optional[SaveHook]) -> dict:
@@ -230,6 +273,22 @@ class WorkerCoordination:
         self.wait_until(published, backoff)
         self.stats_waits.add(time.monotonic() - started)
         return {"loss": i2f(block[0]), "grad_norm": i2f(block[1])}
+
+    def split(self) -> list[int]:
+        """bsp, ps.balance = speed: each worker's sequences of the step the coordinator
+        published last (the step this worker pulled, or after its push the next one)."""
+        return self.wins.read_block(self.coord, self.L.split, self.L.split + self.W).tolist()
+
+    def claim(self) -> int:
+        """Sample budget: take the next batch number (a raw count; see ``PSSync.claim``)."""
+        return self.wins.add(self.coord, C.CLAIMED, 1)
+
+    def applied_totals(self) -> tuple[int, float, float]:
+        """asp/ssp: items applied job-wide since the start, and the sums of weight * loss
+        and of weight over those pushes (the coordinator's running totals)."""
+        block = self.wins.read_block(self.coord, C.APPLIED, C.WEIGHT_SUM + 1)
+        return (int(block[0]), i2f(block[C.LOSS_SUM - C.APPLIED]),
+                i2f(block[C.WEIGHT_SUM - C.APPLIED]))
 
     def items_applied(self) -> int:
         """Items (sequences, pairs) of the pushes the servers applied since the last call

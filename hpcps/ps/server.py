@@ -2,9 +2,12 @@
 
 bsp: waits until all W slots hold step t, averages them weighted by each push's
      weight, clips with the *global* norm (sum of squares added across servers
-     with a non-blocking allreduce) and applies one optimizer step.
+     with a non-blocking allreduce) and applies one optimizer step. With backup
+     workers it applies step t once W - b pushes are in and folds late ones into
+     the next step (``hpcps.ps.backup``).
 ssp/asp: applies each slot as it arrives, one optimizer step per push, with the
-     clip scale the worker computed from its full gradient.
+     clip scale the worker computed from its full gradient, after the update rule
+     (``hpcps.ps.update_rules``: delay compensation) has corrected it.
 
 ``serve`` is a server rank's whole life: apply pushes until a sync point, meet
 the other ranks there (checkpoint, stop, end), repeat.
@@ -20,9 +23,12 @@ import numpy as np
 from hpcps.errors import EXIT_OK, EXIT_PEER_DEAD, EXIT_REQUEUE
 from hpcps.optim.clip import clip_coefficient
 from hpcps.ps import control as C
+from hpcps.ps.backup import Carry, step_is_ready, sync_boundary_ahead
+from hpcps.ps.balance import SplitSearch
 from hpcps.ps.control import HIST_BINS, f2i, i2f
 from hpcps.ps.coordination import meet
 from hpcps.ps.shards import ShardSet
+from hpcps.ps.update_rules import make_update_rule
 from hpcps.ps.windows import SLOT_HEADER, Header
 from hpcps.runtime import signals
 from hpcps.runtime.mpi import abort, mpi, say
@@ -35,11 +41,12 @@ of a sync point (``comm`` for the checkpoint's own collectives)."""
 
 
 def serve(*, cfg, shards: ShardSet, optimizer, lr_fn: Callable[[int], float], params: np.ndarray,
-          version: int, save: Optional[ShardSave] = None) -> int:
+          version: int, save: Optional[ShardSave] = None, split=None) -> int:
     """A server rank: apply pushes to this shard until the job stops or ends; returns the
-    exit code (EXIT_OK at the end, EXIT_REQUEUE after an agreed stop)."""
+    exit code (EXIT_OK at the end, EXIT_REQUEUE after an agreed stop). ``split``: the
+    speed-balanced split saved with the checkpoint this run resumes from."""
     server = Server(cfg=cfg, shards=shards, optimizer=optimizer, lr_fn=lr_fn,
-                    params_init=params, version=version)
+                    params_init=params, version=version, split=split)
     shards.roles.comm.Barrier()  # shards hold their initial params before any worker pulls
     lo, hi = shards.own_range
 
@@ -60,7 +67,8 @@ class Server:
     """One shard's owner: its params (in the params window), optimizer state, push slots
     and control words; ``serve_until_sync`` is its event loop."""
 
-    def __init__(self, *, cfg, shards: ShardSet, optimizer, lr_fn, params_init, version: int = 0):
+    def __init__(self, *, cfg, shards: ShardSet, optimizer, lr_fn, params_init, version: int = 0,
+                 split=None):
         roles, wins = shards.roles, shards.wins
         self.cfg, self.roles, self.wins = cfg, roles, wins
         self.codec = shards.codecs[roles.server_index]
@@ -80,6 +88,26 @@ class Server:
         self.wins.write(self.me, C.VERSION, version)
         self.acc = np.zeros(self.codec.n, dtype=np.float32)
         self.hist = np.zeros(HIST_BINS, dtype=np.int64)
+        # delay compensation: corrects stale pushes (asp/ssp, and bsp's late ones)
+        self.rule = make_update_rule(cfg, self.codec.n, self.W, optimizer)
+        self.rule.started(version, self.params)
+        # the params the optimizer steps: the window's, or the rule's private ones (then the
+        # window holds what the rule publishes, e.g. lookahead's extrapolation)
+        self.state = self.rule.own if self.rule.private_params else self.params
+        # bsp with backup workers: late pushes wait in `carry` for the next update
+        self.backup = cfg.ps.backup_workers if self.mode == "bsp" else 0
+        self.start_version = version
+        self.carry = Carry(self.codec.n) if self.backup else None
+        self.pushed_through = [version - 1] * self.P
+        # coordinator, ps.balance = speed: the split of each step, published before the
+        # version moves (workers pull after the start barrier: the first one is there)
+        self.splits = None
+        if cfg.ps.balance == "speed" and self.is_coordinator:
+            self.splits = SplitSearch(self.W * cfg.train.batch_size, self.W,
+                                      cfg.ps.balance_every, version, split)
+            self.wins.write_block(self.me, self.L.split, np.array(self.splits.split, np.int64))
+        self.last_update = None
+        self.loss_sum = self.weight_sum = 0.0   # coordinator, asp/ssp: of the pushes applied
         # we own window memory: over a network module, others' atomics on it complete only
         # while we are inside MPI, so every wait and every long local loop calls this
         self.progress = ProgressPacer(wins.progress)
@@ -188,6 +216,9 @@ class Server:
             if not progressed and self.sync_requested():
                 while self.apply_pending():
                     pass
+                if self.carry is not None and self.carry.count:
+                    self._apply_carry_alone()
+                self._publish_true_params()
                 self.sync_epoch = self.wins.read(self.coordinator, C.SYNC_EPOCH)
                 self.idle_since = None  # the collective's time is no push gap
                 return self.sync_epoch
@@ -196,6 +227,13 @@ class Server:
             else:
                 self.backoff.pause()
 
+    def _publish_true_params(self) -> None:
+        """At a sync point workers read (and the checkpoint saves) the true params."""
+        if self.state is not self.params:
+            self.wins.begin_write(self.duties)
+            self.params[:] = self.state
+            self.wins.end_write()
+
     def slot_states(self) -> np.ndarray:
         L = self.L
         return self.wins.read_block(self.me, L.slot_state, L.slot_state + self.P)
@@ -203,9 +241,11 @@ class Server:
     def apply_pending(self) -> bool:
         states = self.slot_states()
         if self.mode == "bsp":
+            if self.backup:
+                return self._apply_bsp_with_backup(states)
             if not np.all(states == 1):
                 return False
-            self._apply_bsp()
+            self._apply_bsp(list(range(self.P)))
             return True
         full = np.nonzero(states == 1)[0]
         if len(full) == 0:
@@ -224,38 +264,116 @@ class Server:
     def _payload(self, p: int, nbytes: int) -> np.ndarray:
         return self.wins.local_slot(p)[SLOT_HEADER:SLOT_HEADER + nbytes]
 
-    def _apply_bsp(self) -> None:
+    def _apply_bsp(self, pushers: list) -> None:
+        """Update ``version`` from the pushes of its step in ``pushers``' slots (all of them
+        without backup workers) and the late pushes carried."""
         if self.idle_since is not None:
             self.push_gaps.add(time.monotonic() - self.idle_since)
-        heads = self._headers(range(self.P))
+        heads = self._headers(pushers)
         steps = {int(h[Header.STEP]) for h in heads}
         if steps != {self.version}:
             abort(self.roles.comm, 1, f"protocol error: server {self.index} at step {self.version} "
                   f"got pushes for steps {sorted(steps)}")
+        carry = self.carry if self.carry is not None and self.carry.count else None
         weights = np.array([i2f(h[Header.WEIGHT]) for h in heads])
-        total = float(weights.sum())
-        grad = self._weighted_mean(heads, weights / total)
-        loss = float(sum(weights[p] * i2f(heads[p][Header.LOSS]) for p in range(self.P)) / total)
+        total = float(weights.sum()) + (carry.weight if carry else 0.0)
+        grad = self._weighted_mean(pushers, heads, weights / total)
+        loss_sum = sum(weights[i] * i2f(heads[i][Header.LOSS]) for i in range(len(heads)))
+        items = sum(int(h[Header.ITEMS]) for h in heads)
+        if carry:
+            grad += carry.acc * np.float32(1.0 / total)
+            loss_sum += carry.loss
+            items += carry.items
+        loss = float(loss_sum / total)
         sumsq = float(grad @ grad)
         total_sumsq = self._allreduce_servers(sumsq)
         norm, scale = clip_coefficient(total_sumsq, self.cfg.train.grad_clip)
-        for h in heads:
+        for p, h in zip(pushers, heads):
             self.hist[min(max(0, self.version - int(h[Header.PULLED_VERSION])), HIST_BINS - 1)] += 1
+            self.pushed_through[p] = self.version
+            if self.splits is not None:
+                self.splits.observe_push(p, i2f(h[Header.COMPUTE_S]), int(h[Header.STEP]))
         # the step's stats and staleness counts are published before the version moves (the
         # lead worker reads them right after its push, while this server updates)
         self.wins.add_block(self.me, self.L.hist, self.hist)
         self.hist[:] = 0
+        if self.splits is not None:   # every worker reads it after pulling the next version
+            now = time.monotonic()
+            if self.last_update is not None:
+                self.splits.observe_step(self.version, now - self.last_update)
+            self.last_update = now
+            before = self.splits.split
+            if self.splits.next_split(self.version + 1) != before:
+                self.wins.write_block(self.me, self.L.split,
+                                      np.array(self.splits.split, np.int64))
+        self.wins.add(self.me, C.APPLIED, items)   # before the stats: the lead reads both after
         if self.is_coordinator:
             self.wins.write_block(self.me, C.LAST_LOSS,
                                   np.array([f2i(loss), f2i(norm), self.version + 1], dtype=np.int64))
-        self.wins.add(self.me, C.APPLIED, sum(int(h[Header.ITEMS]) for h in heads))
-        self._update(grad, self.lr_fn(self.version), scale, release_slots=True)
+        self._update(grad, self.lr_fn(self.version), scale, release=pushers)
+        if carry:
+            carry.clear()
         self.idle_since = time.monotonic()
 
-    def _weighted_mean(self, heads, shares) -> np.ndarray:
-        """sum_w shares[w] * push_w. A single plain fp32 push is used where it lies in its
-        slot (no copy); the slot is released only after the update has read it."""
-        payloads = [self._payload(w, int(h[Header.NBYTES])) for w, h in enumerate(heads)]
+    def _apply_bsp_with_backup(self, states) -> bool:
+        """Carry every late push at once (its slot is freed for the next step), then apply
+        the step when ``step_is_ready`` says so."""
+        full = [int(p) for p in np.nonzero(states == 1)[0]]
+        if not full:
+            return False
+        progressed = False
+        fresh = []
+        for p, head in zip(full, self._headers(full)):
+            step = int(head[Header.STEP])
+            if step == self.version:
+                fresh.append(p)
+            elif step == self.version - 1:
+                self._carry_late(p, head)
+                progressed = True
+            else:
+                abort(self.roles.comm, 1, f"protocol error: server {self.index} at step "
+                      f"{self.version} got a push of step {step} from pusher {p}")
+        need_all = sync_boundary_ahead(self.cfg, self.version + 1, self.start_version)
+        if step_is_ready(self.version, len(fresh), self.pushed_through, self.backup, need_all):
+            self._apply_bsp(fresh)
+            return True
+        return progressed
+
+    def _carry_late(self, p: int, head) -> None:
+        """Decode a push of the previous step into the carry (delay-compensated against the
+        params it missed) and free its slot."""
+        self.acc.fill(0.0)
+        self.codec.decode_add(self._payload(p, int(head[Header.NBYTES])), self.acc, 1.0)
+        pulled = int(head[Header.PULLED_VERSION])
+        factor = self.rule.correct(self.acc, pulled, self.version, self.state, self.progress)
+        weight = i2f(head[Header.WEIGHT])
+        self.carry.acc += self.acc * np.float32(weight * factor)
+        self.carry.add(weight, i2f(head[Header.LOSS]), int(head[Header.ITEMS]))
+        self.hist[min(max(0, self.version - pulled), HIST_BINS - 1)] += 1
+        self.pushed_through[p] = self.version - 1
+        self.wins.write(self.me, self.L.slot_state + p, 0)
+
+    def _apply_carry_alone(self) -> None:
+        """An agreed stop left late pushes carried: apply them in one extra update before
+        the checkpoint (same clip rule, the learning rate of their step; the version stays,
+        so the sync point's step and version still agree)."""
+        carry = self.carry
+        grad = carry.acc * np.float32(1.0 / carry.weight)
+        norm, scale = clip_coefficient(self._allreduce_servers(float(grad @ grad)),
+                                       self.cfg.train.grad_clip)
+        self.wins.add_block(self.me, self.L.hist, self.hist)
+        self.hist[:] = 0
+        self.wins.add(self.me, C.APPLIED, carry.items)
+        self._update(grad, self.lr_fn(self.version - 1), scale, move_version=False)
+        if self.is_coordinator:   # the step records were written before: say it here
+            say(f"hpcps: sync point at step {self.version}: {carry.count} late push(es), "
+                f"{carry.items} sequences, applied in one extra update before the meeting")
+        carry.clear()
+
+    def _weighted_mean(self, pushers, heads, shares) -> np.ndarray:
+        """sum_i shares[i] * push of pushers[i]. A single plain fp32 push is used where it
+        lies in its slot (no copy); the slot is released only after the update has read it."""
+        payloads = [self._payload(p, int(h[Header.NBYTES])) for p, h in zip(pushers, heads)]
         if len(payloads) == 1 and self.codec.is_plain_dense and shares[0] == 1.0:
             return payloads[0].view(np.float32)
         self.acc.fill(0.0)
@@ -268,26 +386,44 @@ class Server:
         head = self._headers([p])[0]
         self.acc.fill(0.0)
         self.codec.decode_add(self._payload(p, int(head[Header.NBYTES])), self.acc, 1.0)
-        stale = max(0, self.version - int(head[Header.PULLED_VERSION]))
-        self.hist[min(stale, HIST_BINS - 1)] += 1
-        self._update(self.acc, self.lr_fn(int(head[Header.STEP])), i2f(head[Header.SCALE]))
         self.wins.write(self.me, self.L.slot_state + p, 0)  # decoded: the pusher may refill it
+        pulled = int(head[Header.PULLED_VERSION])
+        self.hist[min(max(0, self.version - pulled), HIST_BINS - 1)] += 1
+        # the params only change here, so the rule may read them outside the gate
+        factor = self.rule.correct(self.acc, pulled, self.version, self.state, self.progress)
+        self._update(self.acc, self.lr_fn(int(head[Header.STEP])) * factor,
+                     i2f(head[Header.SCALE]))
         self.wins.add_block(self.me, self.L.hist, self.hist)
         self.hist[:] = 0
+        if self.is_coordinator:  # the running loss of the pushes applied (sample-budget records)
+            weight = i2f(head[Header.WEIGHT])
+            self.loss_sum += weight * i2f(head[Header.LOSS])
+            self.weight_sum += weight
+            self.wins.write_block(self.me, C.LOSS_SUM,
+                                  np.array([f2i(self.loss_sum), f2i(self.weight_sum)], np.int64))
         self.wins.add(self.me, C.APPLIED, int(head[Header.ITEMS]))
 
-    def _update(self, grad, lr: float, scale: float, release_slots: bool = False) -> None:
+    def _update(self, grad, lr: float, scale: float, release=(), move_version: bool = True) -> None:
         """One optimizer step with the params gate closed; the version moves inside it, so
         a pull that reads VERSION after entering the gate gets exactly that version's params.
-        ``release_slots`` (bsp): free every slot after the step (it may have read from
-        them) and before the version moves (a worker that sees t+1 finds its slot free)."""
+        ``release`` (bsp): the pushers whose slots to free after the step (it may have read
+        from them) and before the version moves (a worker that sees t+1 finds its slot free)."""
         self.wins.begin_write(self.duties)
-        self.opt.step(self.params, grad, lr, scale, between=self.progress)
-        if release_slots:
+        if self.state is not self.params:
+            self.params[:] = self.state   # the window keeps the params before this update
+        self.opt.step(self.state, grad, lr, scale, between=self.progress)
+        if self.state is not self.params:
+            self.rule.publish(self.params, self.state, self.progress)
+        if len(release) == self.P:
             self.wins.write_block(self.me, self.L.slot_state, np.zeros(self.P, np.int64))
-        self.version += 1
-        self.wins.write(self.me, C.VERSION, self.version)
+        else:  # backup workers: a slot left out may be filling right now; leave it alone
+            for p in release:
+                self.wins.write(self.me, self.L.slot_state + p, 0)
+        if move_version:
+            self.version += 1
+            self.wins.write(self.me, C.VERSION, self.version)
         self.wins.end_write()
+        self.rule.applied(self.version, self.state, self.progress)
 
     def _allreduce_servers(self, value: float) -> float:
         comm = self.roles.server_comm
@@ -307,7 +443,7 @@ class Server:
     def snapshot(self) -> dict:
         state = {k: (np.array(v, copy=True) if hasattr(v, "shape") else v)
                  for k, v in self.opt.state().items()}
-        state["params"] = np.array(self.params, copy=True)
+        state["params"] = np.array(self.state, copy=True)
         state["version"] = self.version
         return state
 

@@ -42,8 +42,9 @@ G_CTL = GUARD_BYTES // 8
 
 
 class Header:
-    """int64 words at the start of a slot."""
-    STEP, PULLED_VERSION, NBYTES, WEIGHT, LOSS, CLOCK, SCALE, ITEMS = range(8)
+    """int64 words at the start of a slot. WEIGHT, LOSS, SCALE and COMPUTE_S hold float64
+    bits; COMPUTE_S is the pusher's compute seconds for this push (speed balance)."""
+    STEP, PULLED_VERSION, NBYTES, WEIGHT, LOSS, COMPUTE_S, SCALE, ITEMS = range(8)
 
 
 def slot_stride(max_payload: int) -> int:

@@ -7,6 +7,15 @@ pulls params, evaluates when due and writes the record of step t (the loss of
 update t, val metrics of params after t updates), and finally computes and
 pushes update t. A checkpoint taken at boundary t carries the not-yet-written
 record of step t, so a resumed run writes every step exactly once.
+
+With a sample budget (asp/ssp, ``ps.budget = samples``) workers do not step
+together: each claims the next batch of the global sample stream from the strategy
+until the batches before the next sync point are handed out, then meets the others
+there. The lead's records stay one per *global* step (W x batch_size sequences
+applied), so every mode's records lie on the same samples axis: after each of its
+pushes the lead writes the records of the global steps the servers have completed
+since, with the mean loss of the pushes applied meanwhile; the record of the sync
+point itself is the one the checkpoint carries.
 """
 
 from __future__ import annotations
@@ -20,16 +29,10 @@ import numpy as np
 from hpcps.errors import EXIT_OK, EXIT_REQUEUE
 from hpcps.metrics.runlog import RunLog
 from hpcps.runtime import signals
-from hpcps.train.sync import StepSync
+from hpcps.train.stragglers import Straggler
+from hpcps.train.sync import StepSync, Work
 
-
-def straggle_factor(spec: str, rank: int) -> float:
-    """``ps.straggler`` ('RANK:FACTOR,...'): how many times slower this rank computes."""
-    for part in filter(None, spec.split(",")):
-        r, _, factor = part.partition(":")
-        if int(r) == rank:
-            return float(factor)
-    return 1.0
+RECORD_EXTRAS = ("staleness_mean", "staleness_max", "staleness_counts", "split")
 
 
 class Trainer:
@@ -45,15 +48,19 @@ class Trainer:
         self.log = log
         self.pending = pending_record
         self.peak_flops = peak_flops    # per worker: the MFU denominator (0: unknown)
-        self.straggle = straggle_factor(cfg.ps.straggler, roles.world_rank)
         self.W = roles.n_workers
         self.b = cfg.train.batch_size
         self.global_batch = self.W * self.b
-        self.lo = roles.worker_index * self.b if roles.is_worker else 0
-        self.hi = self.lo + self.b
+        self.straggler = Straggler(cfg, roles.world_rank,
+                                   roles.worker_index if roles.is_worker else 0, self.W)
+        self.own_steps = 0    # updates this worker computed in this job
         self.wall_offset = float(pending_record.get("wall_s", 0.0)) if pending_record else 0.0
         self.t0 = time.monotonic()
         self.last_step_end: Optional[float] = None
+        # sample budget, lead: records written so far, and the totals they were taken at
+        self.recorded = start_step
+        self.applied_seen = (0, 0.0, 0.0)
+        self.last_loss = float(pending_record["loss"]) if pending_record else float("nan")
 
     # -- helpers -----------------------------------------------------------------------
     def wall(self) -> float:
@@ -80,55 +87,114 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> int:
-        max_steps = self.cfg.train.max_steps
-        step = self.start_step
         try:
-            while True:
-                stop = self.sync.should_stop(step)
-                end = step >= max_steps
-                if stop or end or self.checkpoint_due(step):
-                    reason = {"step": step, "stop": bool(stop), "end": bool(end),
-                              "checkpoint": True, "signal": signals.signal_name()}
-                    # every rank follows the lead worker's reason
-                    agreed = self.sync.meet(step, reason, self.worker_state(step))
-                    stop, end = bool(agreed["stop"]), bool(agreed["end"])
-                self.sync.pull(step)
-                if self.log is not None and self.pending is not None:
-                    if self.eval_due(step):
-                        self.pending.update(self.evaluate())
-                    self.log.record(self.pending)
-                    self.pending = None
-                if stop:
-                    self._message(f"stopped at step {step} after {signals.signal_name() or 'a signal'}"
-                                  f" on some rank; checkpoint committed, exit {EXIT_REQUEUE} "
-                                  "(requeue me)")
-                    return EXIT_REQUEUE
-                if end:
-                    if step > self.start_step:
-                        self._message(f"done: {step} steps, {self.wall():.0f} s of training; "
-                                      f"run directory {self.cfg.out_dir}")
-                    return EXIT_OK
-                self.train_step(step)
-                step += 1
+            if self.sync.samples_budget:
+                return self._run_samples()
+            return self._run_steps()
         finally:
             self.sync.close()
+
+    def _run_steps(self) -> int:
+        """Every worker at the same step: bsp, allreduce, one process, and asp/ssp with
+        ``ps.budget = worker_steps``."""
+        max_steps = self.cfg.train.max_steps
+        step = self.start_step
+        while True:
+            stop = self.sync.should_stop(step)
+            end = step >= max_steps
+            if stop or end or self.checkpoint_due(step):
+                reason = {"step": step, "stop": bool(stop), "end": bool(end),
+                          "checkpoint": True, "signal": signals.signal_name()}
+                # every rank follows the lead worker's reason
+                agreed = self.sync.meet(step, reason, self.worker_state(step))
+                stop, end = bool(agreed["stop"]), bool(agreed["end"])
+            self.sync.pull(step)
+            self._write_pending(step)
+            if stop or end:
+                return self._finish(step, stop)
+            self.train_step(self.sync.assign(step))
+            step += 1
+
+    def _run_samples(self) -> int:
+        """Sample budget: claim batches until the next sync point, meet there, go on."""
+        boundary = self.start_step
+        if self.pending is not None:   # resumed: the record of the boundary we start at
+            self.sync.pull(boundary)
+            self._write_pending(boundary)
+        while True:
+            work = self.sync.claim(self.next_sync_point(boundary))
+            if work is not None:
+                self.sync.pull(work.step)
+                self.train_step(work)
+                continue
+            boundary, stop = self.sync.boundary
+            end = boundary >= self.cfg.train.max_steps
+            if self.log is not None:
+                self._sample_records(None, through=boundary)
+            reason = {"step": boundary, "stop": stop, "end": end, "checkpoint": True,
+                      "signal": signals.signal_name()}
+            agreed = self.sync.meet(boundary, reason, self.worker_state(boundary))
+            stop, end = bool(agreed["stop"]), bool(agreed["end"])
+            self.sync.pull(boundary)
+            self._write_pending(boundary)
+            if stop or end:
+                return self._finish(boundary, stop)
+
+    def next_sync_point(self, step: int) -> int:
+        """The first boundary after ``step`` where all workers meet: a checkpoint or the end."""
+        max_steps = self.cfg.train.max_steps
+        every = self.cfg.checkpoint.every
+        nxt = (step // every + 1) * every if every else max_steps
+        return max(step, min(nxt, max_steps))
+
+    def _write_pending(self, step: int) -> None:
+        """Lead: write the record of boundary ``step`` (evaluated when due) after the pull."""
+        if self.log is None or self.pending is None:
+            return
+        if self.eval_due(step):
+            self.pending.update(self.evaluate())
+        self.log.record(self.pending)
+        self.pending = None
+
+    def _finish(self, step: int, stop: bool) -> int:
+        if stop:
+            self._message(f"stopped at step {step} after {signals.signal_name() or 'a signal'}"
+                          f" on some rank; checkpoint committed, exit {EXIT_REQUEUE} "
+                          "(requeue me)")
+            return EXIT_REQUEUE
+        if step > self.start_step:   # every worker is done: the job's time to finish
+            self._message(f"done: {step} steps, {self.wall():.2f} s of training; "
+                          f"run directory {self.cfg.out_dir}")
+        return EXIT_OK
 
     def _message(self, text: str) -> None:
         if self.log is not None:
             self.log.message(text)
 
-    def train_step(self, step: int) -> None:
+    def train_step(self, work: Work) -> None:
+        """Compute and push update ``work``: items [lo, hi) of the global batch of its step."""
         started = time.monotonic()
+        step = work.step
         lr = self.lr_fn(step)
-        batch = self.workload.train_batch(step, self.lo, self.hi)
+        batch = self.workload.train_batch(step, work.lo, work.hi)
         on_grad_ready = self.sync.start_push(self.grads, self.workload.touched_rows(batch))
         compute_start = time.monotonic()
-        loss, weight = self.workload.loss_and_grad(self.params, self.grads, batch, step, self.lo,
+        loss, weight = self.workload.loss_and_grad(self.params, self.grads, batch, step, work.lo,
                                                    on_grad_ready)
-        if self.straggle > 1.0:  # experiments: this rank computes `straggle` times slower
-            time.sleep((time.monotonic() - compute_start) * (self.straggle - 1.0))
-        stats = self.sync.push(step, self.grads, weight, loss, self.hi - self.lo)
-        if self.log is not None:
+        # experiments: slow this step down; with a sample budget the pattern follows the
+        # worker's own steps (there are no common ones)
+        own = self.start_step + self.own_steps if self.sync.samples_budget else step
+        factor = self.straggler.factor_at(own)
+        if factor > 1.0:
+            time.sleep((time.monotonic() - compute_start) * (factor - 1.0))
+        compute_s = time.monotonic() - compute_start
+        stats = self.sync.push(step, self.grads, weight, loss, work.hi - work.lo, compute_s)
+        self.own_steps += 1
+        if self.log is None:
+            return
+        if self.sync.samples_budget:
+            self._sample_records(stats, pushed_step=step)
+        else:
             self.pending = self._record(step, lr, stats, started)
 
     def _record(self, step: int, lr: float, stats: dict, started: float) -> dict:
@@ -145,13 +211,58 @@ class Trainer:
                   "grad_norm": None if stats.get("grad_norm") is None else float(stats["grad_norm"]),
                   "tokens_per_s": items_per_s * self.workload.tokens_per_item,
                   "step_s": step_s, "wall_s": self.wall()}
+        if "items_applied" in stats:   # sequences the servers applied job-wide meanwhile
+            record["items"] = int(items)
         flops = self.workload.flops_per_item()
         if flops and self.peak_flops:
             record["mfu"] = flops * items_per_s / (self.peak_flops * self.W)
-        for key in ("staleness_mean", "staleness_max", "staleness_counts"):
+        for key in RECORD_EXTRAS:
             if key in stats:
                 record[key] = stats[key]
         record.update(self.sync.traffic())
         if not np.isfinite(record["loss"]):
             self._message(f"warning: loss is {record['loss']} at step {step + 1}")
         return record
+
+    def _sample_records(self, stats: Optional[dict], pushed_step: int = 0,
+                        through: Optional[int] = None) -> None:
+        """Sample budget, lead: write the records of the global steps completed since the
+        last ones (``stats``: of its push of a batch of ``pushed_step``), with the mean loss
+        of the pushes applied meanwhile. No record past ``pushed_step`` is written early:
+        the next sync point lies beyond it, and its record must be the pending one the
+        checkpoint carries. ``through``: at sync point ``through``, write every record up to
+        it and keep its own pending."""
+        items, loss_sum, weight_sum = stats["applied_totals"] if stats else self.applied_seen
+        done = self.start_step + items // self.global_batch
+        upto = through if through is not None else min(done, pushed_step)
+        if upto <= self.recorded:
+            return
+        d_weight = weight_sum - self.applied_seen[2]
+        if d_weight > 0:
+            self.last_loss = (loss_sum - self.applied_seen[1]) / d_weight
+        self.applied_seen = (items, loss_sum, weight_sum)
+        now = time.monotonic()
+        since = now - (self.last_step_end if self.last_step_end is not None else self.t0)
+        self.last_step_end = now
+        count = upto - self.recorded
+        # progress on the samples axis: global steps completed, per second
+        tokens_per_s = (count * self.global_batch * self.workload.tokens_per_item / since
+                        if since > 0 else 0.0)
+        extras = {k: stats[k] for k in RECORD_EXTRAS if stats and k in stats}
+        # traffic shared out over the records (sums stay right); staleness counted once
+        traffic = {k: (v / count if isinstance(v, float) else v)
+                   for k, v in self.sync.traffic().items()}
+        for step in range(self.recorded + 1, upto + 1):
+            record = {"step": step, "loss": self.last_loss, "lr": self.lr_fn(step - 1),
+                      "grad_norm": None if not stats or stats.get("grad_norm") is None
+                      else float(stats["grad_norm"]),
+                      "tokens_per_s": tokens_per_s, "step_s": since / count,
+                      "wall_s": self.wall(), **extras, **traffic}
+            extras = {}
+            if step == through:
+                self.pending = record
+                break
+            if self.eval_due(step):
+                record.update(self.evaluate())
+            self.log.record(record)
+        self.recorded = upto

@@ -30,9 +30,11 @@ from hpcps.metrics.tensorboard import require_tensorboard
 from hpcps.model.blas import rank_core_share, set_blas_threads
 from hpcps.optim import make_optimizer
 from hpcps.optim.schedule import lr_schedule
+from hpcps.ps.options import check_options
 from hpcps.ps.roles import PS_MODES, Roles, build_roles
 from hpcps.ps.server import serve
 from hpcps.ps.shards import ShardSet
+from hpcps.ps.update_rules import rule_memory_bytes
 from hpcps.runtime import signals
 from hpcps.runtime.mpi import abort, agree_on_errors, cuda_aware_mpi, library_info, mpi
 from hpcps.train.loop import Trainer
@@ -93,6 +95,7 @@ def setup(config_path, overrides, comm, quiet: bool) -> RunContext:
         raise UserError(f"the resolved config differs between ranks (ranks {differing} differ from "
                         "rank 0): give every rank the same config file and overrides")
     roles = build_roles(cfg, comm)
+    check_options(cfg, roles)
     _limit_threads(roles)
     backend = _worker_backend(cfg, roles, comm)
     workload = build_workload(cfg, backend)
@@ -172,8 +175,14 @@ def run(ctx: RunContext) -> int:
 def _memory_table(ctx: RunContext, shards: ShardSet) -> None:
     """Every rank's resident bytes for the PS, printed by rank 0 as one line."""
     roles = ctx.roles
+    held = shards.memory_bytes(ctx.cfg)
+    if roles.is_server:   # delay compensation's past versions, backup workers' carry
+        lo, hi = shards.own_range
+        held += rule_memory_bytes(ctx.cfg, hi - lo, roles.n_workers)
+        if roles.mode == "bsp" and ctx.cfg.ps.backup_workers:
+            held += 4 * (hi - lo)
     table = roles.comm.gather((roles.world_rank, "server" if roles.is_server else "worker",
-                               shards.memory_bytes(ctx.cfg)), root=0)
+                               held), root=0)
     if roles.world_rank == 0 and not ctx.quiet:
         parts = [f"r{r}:{kind[0]}={b / 2**20:.1f}MiB" for r, kind, b in table]
         print(f"memory per rank (params/state/buffers): {' '.join(parts)}", flush=True)
@@ -196,7 +205,7 @@ def run_server(ctx: RunContext, shards: ShardSet) -> int:
     def save(reason, comm, shard) -> None:
         ctx.checkpointer.save(reason["step"], shard=shard, worker=None, reason=reason, comm=comm)
     return serve(cfg=cfg, shards=shards, optimizer=optimizer, lr_fn=lr_schedule(cfg),
-                 params=params, version=version, save=save)
+                 params=params, version=version, save=save, split=_saved_split(ctx))
 
 
 def run_worker(ctx: RunContext, shards: Optional[ShardSet]) -> int:
@@ -224,6 +233,16 @@ def run_worker(ctx: RunContext, shards: Optional[ShardSet]) -> int:
     return code
 
 
+def _saved_split(ctx: RunContext) -> Optional[list]:
+    """The speed-balanced split the checkpoint this run resumes from was taken with (in
+    the lead's pending record: the split published for the step it resumes at)."""
+    if ctx.resume is None:
+        return None
+    saved = ctx.resume.load_worker(0, len(ctx.resume.manifest["workers"]))
+    record = json.loads(saved["pending_record"]) if saved.get("pending_record") else {}
+    return record.get("split")
+
+
 def _strategy(ctx: RunContext, shards: Optional[ShardSet], lr_fn, saved: dict):
     """(sync, params, grads) of this worker's mode; on a GPU the model's buffers live on the
     device and the strategy is wrapped so MPI gets device buffers or pinned mirrors."""
@@ -237,7 +256,7 @@ def _strategy(ctx: RunContext, shards: Optional[ShardSet], lr_fn, saved: dict):
             params = node.params if node is not None else np.zeros(layout.total, np.float32)
             grads = layout.new_buffer()
         sync = PSSync(cfg=cfg, shards=shards, params=params, checkpointer=ctx.checkpointer,
-                      worker_state=saved, node=node)
+                      worker_state=saved, node=node, start_step=ctx.start_step)
         if device is not None:
             return device.wrap(sync), device.params, device.grads
         return sync, params, grads

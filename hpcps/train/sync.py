@@ -14,6 +14,7 @@ Three implementations:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
 import numpy as np
@@ -32,17 +33,41 @@ def ignore_grad_ready(lo: int, hi: int) -> None:
     """The ``GradReady`` of strategies that send nothing before backward ends."""
 
 
+@dataclass
+class Work:
+    """One update a worker computes: items [lo, hi) of the global batch of ``step`` (which
+    also sets the learning rate and the dropout keys)."""
+    step: int
+    lo: int
+    hi: int
+
+
 class StepSync(Protocol):
     """What the training loop asks of a consistency strategy, in the order it asks.
 
     At the top of step t: ``should_stop(t)`` (waits as the strategy's consistency rule
     says; True when all ranks stop at this boundary), then at a boundary that needs all
-    ranks (checkpoint, stop, end) ``meet``, then ``pull(t)``. After the forward pass:
-    ``start_push`` before backward, ``push`` after it. ``traffic`` and ``worker_state``
-    feed the step record and the checkpoint."""
+    ranks (checkpoint, stop, end) ``meet``, then ``pull(t)`` and ``assign(t)`` (this
+    worker's slice of step t). After the forward pass: ``start_push`` before backward,
+    ``push`` after it. ``traffic`` and ``worker_state`` feed the step record and the
+    checkpoint.
+
+    With ``samples_budget`` (asp/ssp, ``ps.budget = samples``) there are no common steps:
+    the loop asks ``claim(limit)`` for the next batch of the global sample stream before the
+    sync boundary ``limit``; None means this worker stands at ``boundary`` and meets there."""
+
+    samples_budget: bool
 
     def should_stop(self, step: int) -> bool:
         """Wait until ``step`` may begin; True when every worker stops at this step."""
+
+    def assign(self, step: int) -> Work:
+        """The slice of the global batch of ``step`` this worker computes."""
+
+    def claim(self, limit: int) -> Optional[Work]:
+        """Sample budget: the next batch before boundary ``limit``, or None when the batches
+        before it (or before an agreed stop) are all handed out; ``boundary`` then says
+        where this worker stands: (step, stop agreed there)."""
 
     def meet(self, step: int, reason: dict, worker_state: dict) -> dict:
         """Collective sync point at ``step`` (checkpoint when ``reason`` says so); returns
@@ -54,10 +79,12 @@ class StepSync(Protocol):
     def start_push(self, grads, touched: dict) -> GradReady:
         """Before backward: returns the callback backward reports finished ranges to."""
 
-    def push(self, step: int, grads, weight: float, loss: float, items: int) -> dict:
+    def push(self, step: int, grads, weight: float, loss: float, items: int,
+             compute_s: float = 0.0) -> dict:
         """Hand in the gradient of ``step``: the mean over ``weight`` (tokens, pairs) of this
-        worker's ``items`` sequences; returns the step's statistics: ``loss``, ``grad_norm``
-        and, where known, staleness counts and the items applied job-wide."""
+        worker's ``items`` sequences, computed in ``compute_s`` seconds; returns the step's
+        statistics: ``loss``, ``grad_norm`` and, where known, staleness counts and the items
+        applied job-wide."""
 
     def traffic(self) -> dict:
         """Bytes moved since the last call, as MB, for the step record."""
@@ -82,9 +109,17 @@ class LocalSync:
             self.opt.load_state(opt_state)
         self.checkpointer = checkpointer
         self.is_lead = True
+        self.samples_budget = False
+        self.slice = (0, cfg.train.batch_size)   # this rank's items of every global batch
 
     def should_stop(self, step: int) -> bool:
         return signals.stop_requested()
+
+    def assign(self, step: int) -> Work:
+        return Work(step, *self.slice)
+
+    def claim(self, limit: int) -> Optional[Work]:
+        raise NotImplementedError("only a sample-budget strategy hands out batches")
 
     def pull(self, step: int) -> None:
         pass  # the params are updated in place by push
@@ -98,7 +133,8 @@ class LocalSync:
         self.opt.step(self.params, grads, self.lr_fn(step), scale)
         return norm
 
-    def push(self, step: int, grads, weight: float, loss: float, items: int) -> dict:
+    def push(self, step: int, grads, weight: float, loss: float, items: int,
+             compute_s: float = 0.0) -> dict:
         return {"loss": loss, "grad_norm": self._apply(step, grads)}
 
     def shard_state(self) -> dict:
@@ -131,6 +167,8 @@ class AllreduceSync(LocalSync):
         super().__init__(cfg, layout, lr_fn, params, checkpointer, backend, opt_state)
         self.comm = roles.comm
         self.is_lead = roles.world_rank == roles.lead_worker
+        b = cfg.train.batch_size
+        self.slice = (roles.worker_index * b, (roles.worker_index + 1) * b)
         # GPU: the payload lives on the device or in pinned host memory (AllreduceBuffer)
         self.device = device_buffer
         self.buf = (device_buffer.buf if device_buffer is not None
@@ -147,7 +185,7 @@ class AllreduceSync(LocalSync):
         self.device.begin(grads)
         return self.device.grad_ready  # staged: copy each range to the host while backward runs
 
-    def push(self, step, grads, weight, loss, items):
+    def push(self, step, grads, weight, loss, items, compute_s=0.0):
         tail = [weight, weight * loss, 1.0 if signals.stop_requested() else 0.0]
         n = self.layout.total
         if self.device is not None:

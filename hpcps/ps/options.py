@@ -1,0 +1,67 @@
+"""Which straggler remedies a job runs, checked against its roles.
+
+The config schema checks each ``ps.*`` key on its own (choices, bounds); what
+depends on the mode, the hierarchy or the worker count is checked here, once the
+roles are known, so a bad combination is one line and exit 2 on every rank:
+
+- ``ps.balance = speed`` splits a *bsp* step's global batch; asp and ssp balance by
+  handing out samples (``ps.budget = samples``) instead;
+- ``ps.backup_workers`` is a bsp rule and needs at least one push to wait for;
+- ``ps.delay_compensation`` corrects stale pushes: asp, ssp, or bsp's late pushes
+  (lookahead, which moves every pull, only asp and ssp);
+- the sample budget hands batches to single workers, which a node hierarchy (whose
+  workers step together) cannot take.
+"""
+
+from __future__ import annotations
+
+from hpcps.errors import UserError
+
+ASYNC_MODES = ("asp", "ssp")
+
+
+def samples_budget(cfg, mode: str) -> bool:
+    """asp/ssp: True when the job's budget is global and counted in samples (batches handed
+    out to whichever worker is free); False when every worker runs its own max_steps."""
+    if mode not in ASYNC_MODES:
+        return False
+    if cfg.ps.budget == "auto":
+        return cfg.ps.hierarchy != "node"
+    return cfg.ps.budget == "samples"
+
+
+def check_options(cfg, roles) -> None:
+    """Raise ``UserError`` for a remedy the job's mode, hierarchy or size cannot serve."""
+    ps, mode = cfg.ps, roles.mode
+    node = ps.hierarchy == "node"
+    if ps.balance != "none":
+        if mode != "bsp":
+            raise UserError(f"ps.balance = {ps.balance} splits the global batch of a bsp step, "
+                            f"but ps.mode = {mode}"
+                            + (" (asp and ssp balance by samples: ps.budget = samples)"
+                               if mode in ASYNC_MODES else ""))
+        if node:
+            raise UserError(f"ps.balance = {ps.balance} plans per worker; with ps.hierarchy = node "
+                            "a node's workers push together: use one of them")
+    if ps.backup_workers:
+        if mode != "bsp":
+            raise UserError(f"ps.backup_workers = {ps.backup_workers} is a bsp rule, but "
+                            f"ps.mode = {mode}")
+        if node:
+            raise UserError("ps.backup_workers counts single workers' pushes: it cannot be used "
+                            "with ps.hierarchy = node")
+        if ps.backup_workers >= roles.n_workers:
+            raise UserError(f"ps.backup_workers = {ps.backup_workers} must be below the number of "
+                            f"workers ({roles.n_workers}): a step needs at least one push")
+    if ps.delay_compensation == "lookahead" and mode not in ASYNC_MODES:
+        raise UserError(f"ps.delay_compensation = lookahead extrapolates the params workers pull "
+                        f"by the staleness of asp or ssp, not ps.mode = {mode}")
+    if ps.delay_compensation != "none":
+        if mode not in ASYNC_MODES and not (mode == "bsp" and ps.backup_workers):
+            raise UserError(f"ps.delay_compensation = {ps.delay_compensation} corrects stale "
+                            f"pushes: it needs ps.mode = asp or ssp (or bsp with "
+                            f"ps.backup_workers), not ps.mode = {mode}")
+    if ps.budget == "samples" and node and mode in ASYNC_MODES:
+        raise UserError("ps.budget = samples hands batches to single workers; with "
+                        "ps.hierarchy = node a node's workers step together: use "
+                        "ps.budget = worker_steps")
