@@ -4,6 +4,7 @@ rest (docs/scaling.md).
 
     python benchmarks/scaling.py --out scaling.json            # measure, fit, check (~15 min)
     python benchmarks/scaling.py --from scaling.json           # fit and check saved runs
+    python benchmarks/scaling.py --from scaling.json --cluster # ... and predict a cluster
 
 Each point is one ``mpirun`` job of ``hpcps train workload=synthetic`` (bsp, 1 + warm-up
 steps not timed), the median step time of the lead worker. ``path`` is ``shm`` (one node,
@@ -23,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hpcps.bench.cost_model import Layout, fit, predict_step_s
+from hpcps.bench.cost_model import Layout, Machine, fit, predict_step_s
 
 # (workers, servers, elements, compute ms, path): 3..34 ranks on 2 cores
 GRID = [(w, s, p, c, path)
@@ -50,6 +51,42 @@ def measure(point, steps: int, warmup: int, root: Path) -> float:
     return statistics.median(r["step_s"] for r in records if r["step"] > warmup)
 
 
+# A cluster the model predicts (docs/scaling.md): 64 nodes x 4 GPUs (one worker each) and one
+# CPU server per node, GPT-2 124M, 100 Gb/s links. Link costs are assumed, not fitted: RDMA
+# round trip 5 us, 1 us of a server's time per worker's atomics, no core sharing; a worker's
+# forward + backward of 12 x 1024 tokens: 6 x 124e6 x 12288 FLOP at 40 % of 312 TFLOP/s ~ 73 ms.
+CLUSTER = {"nodes": 64, "gpus_per_node": 4, "elements": 124_439_808, "compute_s": 0.073,
+           "link_bytes_per_s": 100e9 / 8, "atomic_s": 5e-6, "serve_s": 1e-6,
+           "node_reduce_bytes_per_s": 20e9}
+
+
+def cluster_table(fitted: Machine) -> None:
+    """Predicted step time on ``CLUSTER`` with this machine's fitted server CPU costs.
+
+    Several server shards on one node share its link, so bytes per link do not drop below
+    one shard per node: the rows keep S = nodes and vary the hierarchy and push encoding
+    (bf16 halves the bytes pushed, pulls stay fp32)."""
+    c = CLUSTER
+    workers = c["nodes"] * c["gpus_per_node"]
+    print(f"cluster: {c['nodes']} nodes x {c['gpus_per_node']} GPUs, P = {c['elements']:,}, "
+          f"compute {1e3 * c['compute_s']:.0f} ms, {8 * c['link_bytes_per_s'] / 1e9:.0f} Gb/s")
+    for hierarchy in (False, True):
+        for push_bytes in (4, 2):
+            per_byte = (1.0 + push_bytes / 4.0) / 2.0 / c["link_bytes_per_s"]
+            m = Machine(overhead=fitted.overhead, update=fitted.update, decode=fitted.decode,
+                        node_byte=1.0 / c["node_reduce_bytes_per_s"],
+                        per_byte={"ib": per_byte}, atomic={"ib": c["atomic_s"]},
+                        wait={"ib": 0.0}, serve={"ib": c["serve_s"]})
+            layout = Layout(workers=workers, servers=c["nodes"], nodes=c["nodes"],
+                            elements=c["elements"], compute_s=c["compute_s"], path="ib",
+                            cores=64, hierarchy=hierarchy)
+            total = predict_step_s(layout, m)
+            link = 2.0 * layout.pushers * (c["elements"] / c["nodes"]) * 4.0 * per_byte
+            print(f"  hierarchy={'node' if hierarchy else 'none':4s} push={'bf16' if push_bytes == 2 else 'fp32'}: "
+                  f"step {1e3 * total:6.0f} ms, link {1e3 * link:5.0f} ms, "
+                  f"compute share {100 * c['compute_s'] / total:3.0f} %")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="save the measured points here (JSON)")
@@ -58,6 +95,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2,
                         help="passes over the grid (interleaved); each point's median is used")
+    parser.add_argument("--cluster", action="store_true",
+                        help="also print the model's prediction for the cluster in CLUSTER")
     args = parser.parse_args()
     if args.source:
         points = json.loads(Path(args.source).read_text())["points"]
@@ -89,7 +128,9 @@ def main() -> int:
         print(f"{'check' if i % 3 == 2 else 'fit  '} W={layout.workers:2d} S={layout.servers} "
               f"P={layout.elements:>9,} {layout.path}: measured {1e3 * seconds:7.1f} ms, "
               f"model {1e3 * predicted:7.1f} ms ({100 * error:+.0f}%)")
-    print(f"worst error on the held-out points: {100 * worst:.0f}%")
+    print(f"worst error on the held-out points: {100 * worst:.1f}%")
+    if args.cluster:
+        cluster_table(machine)
     return 0
 
 

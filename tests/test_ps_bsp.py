@@ -180,7 +180,7 @@ def test_bench_train_runs_every_experiment(tmp_path, shakespeare_corpus):
             assert row["tokens_per_s"] > 0 and row["finish_s"] > 0, (kind, mode)
             assert math.isfinite(row["val_loss"]), (kind, mode)
     assert set(report["straggler"]["modes"]) == {"bsp", "bsp+balance", "bsp+backup", "ssp", "asp",
-                                                 "asp+lr", "asp+dc", "asp+gap"}
+                                                 "asp+lr", "asp+dc", "asp+gap", "asp+lookahead"}
     # speed balance changes only the summation order of bsp's steps
     assert report["straggler"]["modes"]["bsp+balance"]["max_step_loss_rel_diff"] < 1e-4
     ck = report["checkpoint"]

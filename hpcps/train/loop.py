@@ -129,8 +129,9 @@ class Trainer:
                 continue
             boundary, stop = self.sync.boundary
             end = boundary >= self.cfg.train.max_steps
-            if self.log is not None:
-                self._sample_records(None, through=boundary)
+            if self.log is not None:   # the boundary's record covers its last batches
+                self._sample_records({"applied_totals": self.sync.applied_through(boundary)},
+                                     through=boundary)
             reason = {"step": boundary, "stop": stop, "end": end, "checkpoint": True,
                       "signal": signals.signal_name()}
             agreed = self.sync.meet(boundary, reason, self.worker_state(boundary))

@@ -33,6 +33,7 @@ from hpcps.ps.coordination import WorkerCoordination
 from hpcps.ps.node import NodeGroup
 from hpcps.ps.options import samples_budget
 from hpcps.ps.shards import ShardSet
+from hpcps.runtime.wait import wait_until
 from hpcps.train.sync import GradReady, Work, ignore_grad_ready
 
 
@@ -102,6 +103,16 @@ class PSSync:
         self.position = max(self.position, step + 1)
         self.coordination.started(self.pushes)
         return Work(step, slot * self.b, (slot + 1) * self.b)
+
+    def applied_through(self, step: int) -> tuple[int, float, float]:
+        """Sample budget, lead: the job-wide applied totals (items, sum of weight * loss,
+        sum of weight) once every batch of the steps before sync point ``step`` is applied.
+        Each of those batches was claimed, and its worker pushes it before it meets at
+        ``step``, so this wait ends without the lead's help."""
+        need = (step - self.start_step) * self.W * self.b
+        wait_until(lambda: self.coordination.applied_totals()[0] >= need,
+                   self.coordination.duties)
+        return self.coordination.applied_totals()
 
     def meet(self, step: int, reason: dict, worker_state: dict) -> dict:
         def save(agreed: dict, comm) -> None:

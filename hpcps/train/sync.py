@@ -69,6 +69,10 @@ class StepSync(Protocol):
         before it (or before an agreed stop) are all handed out; ``boundary`` then says
         where this worker stands: (step, stop agreed there)."""
 
+    def applied_through(self, step: int) -> tuple[int, float, float]:
+        """Sample budget, lead worker: (items, sum of weight * loss, sum of weight) the
+        servers applied job-wide, once every batch before sync point ``step`` is in."""
+
     def meet(self, step: int, reason: dict, worker_state: dict) -> dict:
         """Collective sync point at ``step`` (checkpoint when ``reason`` says so); returns
         the reason every rank follows (the lead worker's)."""
