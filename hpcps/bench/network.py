@@ -2,13 +2,15 @@
 through MPICH's network module (``MPIR_CVAR_NOLOCAL=1``: every rank its own node, all
 one-sided traffic through the netmod), in interleaved repeats.
 
-For bsp and asp with 1 server + 2 workers it reports the step time of each path and
+For bsp and asp with 1 server + ``--network-workers`` workers (default 2) it reports the step time of each path and
 their ratio (median over repeats; target <= 1.15), and the latency of every
 control-word atomic the ranks issued to another rank during training (gates, flags,
 versions, clocks: ``HPCPS_ATOMIC_LATENCY``), pooled over the repeats: p50, p99 and
 max per path (target p99 <= 1 ms). The servers are busy all along, updating or
 waiting, so these are atomics to a busy server. asp's step time is the time of one
-global batch at the traced throughput of all workers.
+global batch at the traced throughput of all workers. When the ranks fit the machine's
+cores, every rank is bound to a core of its own and runs one BLAS thread (as on a cluster);
+otherwise they share the cores as the training command would.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from hpcps.ps.windows import LATENCY_ENV
 
 PATHS = {"shared memory": {}, "network module": {"MPIR_CVAR_NOLOCAL": "1"}}
 MODES = ("bsp", "asp")
-WORKERS = 2
 STEP_RATIO_TARGET = 1.15
 P99_TARGET_S = 1e-3
 
@@ -35,9 +36,13 @@ def latencies(folder: Path) -> np.ndarray:
 
 def network_experiment(runner) -> dict:
     a = runner.args
-    ranks, steps = WORKERS + 1, a.warmup + a.steps
-    global_batch_tokens = runner._per_step_tokens(WORKERS)
-    out: dict = {"workers": WORKERS, "servers": 1, "steps": steps,
+    workers = a.network_workers
+    ranks, steps = workers + 1, a.warmup + a.steps
+    global_batch_tokens = runner._per_step_tokens(workers)
+    own_cores = ranks <= runner.cores
+    threads = runner.one_thread if own_cores else {}
+    binding = ("-bind-to", "core") if own_cores else ()   # MPICH's launcher (NOLOCAL is MPICH's)
+    out: dict = {"workers": workers, "servers": 1, "steps": steps, "core_per_rank": own_cores,
                  "step_ratio_target": STEP_RATIO_TARGET, "p99_target_s": P99_TARGET_S}
     for mode in MODES:
         step_s: dict = {path: [] for path in PATHS}
@@ -47,11 +52,12 @@ def network_experiment(runner) -> dict:
                 folder = runner.root / f"latency{runner.count + 1:03d}"
                 out_dir, records = runner.launch(
                     ranks, [f"ps.mode={mode}", "ps.servers=1", f"train.max_steps={steps}"],
-                    env_extra={**env, LATENCY_ENV: str(folder)}, traced=mode == "asp")
+                    env_extra={**threads, **env, LATENCY_ENV: str(folder)},
+                    traced=mode == "asp", launcher_args=binding)
                 if mode == "bsp":
                     step_s[path].append(runner._median_step(records))
                 else:
-                    tps = runner._throughput(mode, WORKERS, out_dir, records, a.warmup)
+                    tps = runner._throughput(mode, workers, out_dir, records, a.warmup)
                     step_s[path].append(global_batch_tokens / tps)
                 samples[path].append(latencies(folder))
         ratios = [n / s for s, n in zip(step_s["shared memory"], step_s["network module"])]
@@ -68,8 +74,10 @@ def network_experiment(runner) -> dict:
 
 
 def format_network(n: dict) -> list[str]:
-    lines = [f"network: {n['servers']} server + {n['workers']} workers, {n['steps']} steps; "
-             f"network module (MPIR_CVAR_NOLOCAL=1) vs shared memory, interleaved"]
+    cores = "a core per rank" if n["core_per_rank"] else "ranks share the cores"
+    lines = [f"network: {n['servers']} server + {n['workers']} workers ({cores}), "
+             f"{n['steps']} steps; network module (MPIR_CVAR_NOLOCAL=1) vs shared memory, "
+             f"interleaved"]
     for mode in MODES:
         m = n[mode]
         shm, net = m["shared memory"], m["network module"]

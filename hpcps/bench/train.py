@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per run kind")
     parser.add_argument("--workers", default="2,4,7", help="worker counts for scaling")
     parser.add_argument("--modes", default=",".join(MODES), help="modes for scaling")
+    parser.add_argument("--network-workers", type=int, default=2,
+                        help="workers of the network runs (with 1 server); when the ranks fit "
+                             "the cores, every rank gets a core (one BLAS thread each)")
     parser.add_argument("--straggler-workers", type=int, default=4)
     parser.add_argument("--straggler-factor", type=float, default=2.0)
     parser.add_argument("--staleness", type=int, default=3, help="ssp bound in the straggler runs")
@@ -200,9 +203,11 @@ class Runner:
         return base + list(extra)
 
     def launch(self, ranks: int, extra, *, env_extra: dict | None = None,
-               traced: bool = False, output: Optional[list] = None) -> tuple[Path, list[dict]]:
+               traced: bool = False, output: Optional[list] = None,
+               launcher_args: tuple = ()) -> tuple[Path, list[dict]]:
         """One ``hpcps train`` job; returns its run directory and metrics records.
-        ``output``: a list to append the job's stdout to (then it is not quiet)."""
+        ``output``: a list to append the job's stdout to (then it is not quiet);
+        ``launcher_args``: options for mpirun (e.g. binding)."""
         self.count += 1
         out_dir = self.root / f"run{self.count:03d}"
         env = {**os.environ, **(env_extra or {})}
@@ -213,7 +218,7 @@ class Runner:
         if ranks == 1:
             cmd = [sys.executable, "-m", "hpcps", *argv]
         else:
-            cmd = [*shlex.split(self.args.mpirun), "-n", str(ranks), *py, *argv]
+            cmd = [*shlex.split(self.args.mpirun), *launcher_args, "-n", str(ranks), *py, *argv]
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True,
                                   timeout=self.args.timeout)

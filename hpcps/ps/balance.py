@@ -12,14 +12,13 @@ sequence, or a line with a fixed part) is not enough: workers that share cores s
 each other down, so taking sequences away from a straggler also speeds up the
 others. The planner therefore checks every proposal on the *measured step time*: every
 ``ps.balance_every`` steps (the first time after 5) it notes the median step time of the
-split in force; standing
-on the fastest split measured so far, it tries a new one that the measured compute
+split in force; standing on the fastest split measured so far, it tries a new one that the measured compute
 times say is clearly faster (if each worker's time grew in proportion to its
 sequences) — the split that would balance them, or one sequence moved from the worker
 that computed longest to the one that computed shortest (if that does not look slower)
 — and otherwise returns to the fastest split measured. Noise alone does not make it
-wander: a split must measure 5 % faster to be kept. On a persistent straggler it walks to the best split in a few periods and
-stays there; it leaves it again only when a measurement says so.
+wander: a split must measure 5 % faster to be kept. On a persistent straggler it walks to
+the best split in a few periods and stays there; it leaves it again only when a measurement says so.
 
 Restart: the lead's record of every step carries the split published for the next
 step (``split``); a resumed run's coordinator publishes the split of the record saved
