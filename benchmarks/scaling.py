@@ -2,7 +2,7 @@
 model of ``hpcps.bench.cost_model`` to part of them and check its predictions on the
 rest (docs/scaling.md).
 
-    python benchmarks/scaling.py --out scaling.json            # measure, fit, check (~15 min)
+    python benchmarks/scaling.py --out scaling.json            # measure, fit, check (~5 min on 2 cores)
     python benchmarks/scaling.py --from scaling.json           # fit and check saved runs
     python benchmarks/scaling.py --from scaling.json --cluster # ... and predict a cluster
 
@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hpcps.bench.cost_model import Layout, Machine, fit, predict_step_s
+from hpcps.bench.cost_model import Layout, Machine, fit, measure_update, predict_step_s
 
 # (workers, servers, elements, compute ms, path): 3..34 ranks on 2 cores
 GRID = [(w, s, p, c, path)
@@ -64,27 +64,29 @@ def cluster_table(fitted: Machine) -> None:
     """Predicted step time on ``CLUSTER`` with this machine's fitted server CPU costs.
 
     Several server shards on one node share its link, so bytes per link do not drop below
-    one shard per node: the rows keep S = nodes and vary the hierarchy and push encoding
-    (bf16 halves the bytes pushed, pulls stay fp32)."""
+    one shard per node: the rows have S = nodes / 2 and S = nodes and vary the hierarchy
+    and the push encoding (bf16 halves the bytes pushed, pulls stay fp32)."""
     c = CLUSTER
     workers = c["nodes"] * c["gpus_per_node"]
     print(f"cluster: {c['nodes']} nodes x {c['gpus_per_node']} GPUs, P = {c['elements']:,}, "
           f"compute {1e3 * c['compute_s']:.0f} ms, {8 * c['link_bytes_per_s'] / 1e9:.0f} Gb/s")
-    for hierarchy in (False, True):
-        for push_bytes in (4, 2):
-            per_byte = (1.0 + push_bytes / 4.0) / 2.0 / c["link_bytes_per_s"]
-            m = Machine(overhead=fitted.overhead, update=fitted.update, decode=fitted.decode,
-                        node_byte=1.0 / c["node_reduce_bytes_per_s"],
-                        per_byte={"ib": per_byte}, atomic={"ib": c["atomic_s"]},
-                        wait={"ib": 0.0}, serve={"ib": c["serve_s"]})
-            layout = Layout(workers=workers, servers=c["nodes"], nodes=c["nodes"],
-                            elements=c["elements"], compute_s=c["compute_s"], path="ib",
-                            cores=64, hierarchy=hierarchy)
-            total = predict_step_s(layout, m)
-            link = 2.0 * layout.pushers * (c["elements"] / c["nodes"]) * 4.0 * per_byte
-            print(f"  hierarchy={'node' if hierarchy else 'none':4s} push={'bf16' if push_bytes == 2 else 'fp32'}: "
-                  f"step {1e3 * total:6.0f} ms, link {1e3 * link:5.0f} ms, "
-                  f"compute share {100 * c['compute_s'] / total:3.0f} %")
+    for servers in (c["nodes"] // 2, c["nodes"]):
+        for hierarchy in (False, True):
+            for push_bytes in (4, 2):
+                per_byte = (1.0 + push_bytes / 4.0) / 2.0 / c["link_bytes_per_s"]
+                m = Machine(overhead=fitted.overhead, update=fitted.update,
+                            decode=fitted.decode, node_byte=1.0 / c["node_reduce_bytes_per_s"],
+                            per_byte={"ib": per_byte}, atomic={"ib": c["atomic_s"]},
+                            wait={"ib": 0.0}, serve={"ib": c["serve_s"]})
+                layout = Layout(workers=workers, servers=servers, nodes=c["nodes"],
+                                elements=c["elements"], compute_s=c["compute_s"], path="ib",
+                                cores=64, hierarchy=hierarchy)
+                total = predict_step_s(layout, m)
+                link = 2.0 * layout.pushers * (c["elements"] / servers) * 4.0 * per_byte
+                print(f"  servers={servers:3d} hierarchy={'node' if hierarchy else 'none':4s} "
+                      f"push={'bf16' if push_bytes == 2 else 'fp32'}: step {1e3 * total:5.0f} ms, "
+                      f"busiest link {1e3 * link:4.0f} ms, compute share "
+                      f"{100 * c['compute_s'] / total:3.0f} %")
 
 
 def main() -> int:
@@ -118,7 +120,9 @@ def main() -> int:
                       compute_s=p["compute_ms"] / 1e3, path=p["path"], cores=cores) for p in points]
     measured = [p["step_s"] for p in points]
     train = [i for i in range(len(points)) if i % 3 != 2]
-    machine = fit([layouts[i] for i in train], [measured[i] for i in train])
+    update = measure_update()
+    print(f"AdamW update on this CPU: {1e9 * update:.2f} ns per element (measured on its own)")
+    machine = fit([layouts[i] for i in train], [measured[i] for i in train], update=update)
     print(json.dumps({"fitted": machine.as_dict()}, indent=1))
     worst = 0.0
     for i, (layout, seconds) in enumerate(zip(layouts, measured)):

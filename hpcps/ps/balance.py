@@ -11,7 +11,8 @@ its pull, so all use the same split). A model of each worker's speed (seconds pe
 sequence, or a line with a fixed part) is not enough: workers that share cores slow
 each other down, so taking sequences away from a straggler also speeds up the
 others. The planner therefore checks every proposal on the *measured step time*: every
-``ps.balance_every`` steps (the first time after 5) it notes the median step time of the
+``ps.balance_every`` steps (the first time after 5; while the search still has a split to
+try, every quarter of that, at least 6 steps) it notes the median step time of the
 split in force; standing on the fastest split measured so far, it tries a new one that the measured compute
 times say is clearly faster (if each worker's time grew in proportion to its
 sequences) — the split that would balance them, or one sequence moved from the worker
@@ -107,6 +108,8 @@ class SplitSearch:
             tuple(equal_split(total, workers))
         self.tried: dict[tuple, float] = {}
         self.period = every
+        # long enough for MIN_SAMPLES step times after the settling steps
+        self.trial_steps = max(SETTLE_STEPS + MIN_SAMPLES + 1, every // 4)
         self._reset(start_step)
         # the equal split of a start is usually far off: decide early the first time
         self.decide_at = start_step + SETTLE_STEPS + max(FIRST_PERIOD, MIN_SAMPLES)
@@ -155,12 +158,16 @@ class SplitSearch:
         old = self.tried.get(self.split)
         self.tried[self.split] = measured if old is None else 0.5 * (old + measured)
         compute = [statistics.median(c) for c in self.compute]
-        chosen = choose(self.split, self.tried, self._candidate(compute))
+        candidate = self._candidate(compute)
+        chosen = choose(self.split, self.tried, candidate)
         # a period that found nothing faster makes the next one twice as long (up to 8x):
-        # once the best split is found, the search mostly stays there
+        # once the best split is found, the search mostly stays there. While there is a
+        # split left to try, periods are short: a bad guess costs a few steps, and so does
+        # the return from it.
         found = measured * (1 + GAIN) < best_before
         self.period = self.every if found else min(8 * self.every, 2 * self.period)
-        self.decide_at = step + self.period
+        searching = candidate is not None or (chosen != self.split and chosen not in self.tried)
+        self.decide_at = step + (self.trial_steps if searching else self.period)
         if chosen != self.split:
             self.split = chosen
             self._reset(step)
