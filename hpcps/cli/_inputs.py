@@ -1,5 +1,5 @@
 """Argument helpers shared by the commands that use a trained checkpoint (sample, eval,
-translate, classify, fill-mask): integer bounds, the input-text arguments."""
+translate, classify, fill-mask): integer bounds, the input-text arguments, the device."""
 
 from __future__ import annotations
 
@@ -27,3 +27,9 @@ def add_input_arguments(parser, what: str) -> None:
                              f"read lines from --input or standard input)")
     parser.add_argument("--input", metavar="FILE", default=None,
                         help=f"read one {what} per line from FILE ('-': standard input)")
+
+
+def add_device_argument(parser) -> None:
+    """--device cpu | gpu: where the model runs."""
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="run the model with NumPy (cpu, default) or CuPy (gpu)")

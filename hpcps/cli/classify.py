@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from hpcps.backend import get_backend
-from hpcps.cli._inputs import add_input_arguments, int_at_least
+from hpcps.cli._inputs import add_device_argument, add_input_arguments, int_at_least
 from hpcps.inference.checkpoint import input_lines
 from hpcps.inference.classifier import load_classifier
 
@@ -22,16 +22,13 @@ def add_arguments(parser) -> None:
     add_input_arguments(parser, "string")
     parser.add_argument("--top-k", type=int_at_least(1), default=1, metavar="K",
                         help="show the K most probable labels of each line (default 1)")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                        help="run the model with NumPy (cpu, default) or CuPy (gpu)")
+    add_device_argument(parser)
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per input line: the input and its labels with "
                              "probabilities")
 
 
 def run(args) -> int:
-
-
     classifier = load_classifier(args.checkpoint, backend=get_backend(args.device))
     lines = input_lines(args.text, args.input)
     ids = [classifier.encode(text, where) for where, text in lines]

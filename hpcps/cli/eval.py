@@ -7,7 +7,7 @@ import math
 
 from hpcps.backend import get_backend
 from hpcps.checkpoint import open_checkpoint
-from hpcps.cli._inputs import int_at_least
+from hpcps.cli._inputs import add_device_argument, int_at_least
 from hpcps.data.progress import Progress
 from hpcps.errors import UserError
 from hpcps.inference import classifier as cls
@@ -40,8 +40,7 @@ def add_arguments(parser) -> None:
                              "/ center-context pairs (default: the whole split)")
     parser.add_argument("--beam", type=int_at_least(1), default=None, metavar="K",
                         help="seq2seq: beam width (default: the run's seq2seq.beam)")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                        help="run the model with NumPy (cpu, default) or CuPy (gpu)")
+    add_device_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -159,8 +158,6 @@ def confusion_table(labels: list, matrix: list) -> str:
 
 
 def run(args) -> int:
-
-
     ck = open_checkpoint(args.checkpoint)
     workload = checkpoint_workload(ck)
     if workload not in EVALUATORS:

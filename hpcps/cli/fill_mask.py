@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from hpcps.backend import get_backend
-from hpcps.cli._inputs import add_input_arguments, int_at_least
+from hpcps.cli._inputs import add_device_argument, add_input_arguments, int_at_least
 from hpcps.inference.checkpoint import input_lines
 from hpcps.inference.mlm import MASK_TEXT, load_masked_lm
 
@@ -21,16 +21,13 @@ def add_arguments(parser) -> None:
     add_input_arguments(parser, "text with [MASK]")
     parser.add_argument("--top-k", type=int_at_least(1), default=5, metavar="K",
                         help="fillers shown per mask (default 5)")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                        help="run the model with NumPy (cpu, default) or CuPy (gpu)")
+    add_device_argument(parser)
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per input line: the text with the best fillers "
                              "and, per mask, the fillers with probabilities")
 
 
 def run(args) -> int:
-
-
     loaded = load_masked_lm(args.checkpoint, backend=get_backend(args.device))
     lines = input_lines(args.text, args.input)
     encoded = [loaded.encode_masked(text, where) for where, text in lines]

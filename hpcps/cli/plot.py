@@ -22,7 +22,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-
     labels = None
     if args.labels is not None:
         labels = [label.strip() for label in args.labels.split(",")]

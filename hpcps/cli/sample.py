@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from hpcps.backend import get_backend
-from hpcps.cli._inputs import int_at_least
+from hpcps.cli._inputs import add_device_argument, int_at_least
 from hpcps.errors import UserError
 from hpcps.inference.gpt import generate, load_gpt
 
@@ -44,14 +45,10 @@ def add_arguments(parser) -> None:
                         help="random seed: the same seed gives the same text (default 1337)")
     parser.add_argument("--num-samples", type=int_at_least(1), default=1, metavar="N",
                         help="independent samples, separated by a line of '-' (default 1)")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                        help="run the model with NumPy (cpu, default) or CuPy (gpu)")
+    add_device_argument(parser)
 
 
 def run(args) -> int:
-    import sys
-
-
     loaded = load_gpt(args.checkpoint, backend=get_backend(args.device), purpose="hpcps sample")
     tokenizer = loaded.tokenizer
     if tokenizer is None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from hpcps.backend import get_backend
-from hpcps.cli._inputs import add_input_arguments, int_at_least
+from hpcps.cli._inputs import add_device_argument, add_input_arguments, int_at_least
 from hpcps.inference.checkpoint import input_lines
 from hpcps.inference.seq2seq import check_search, load_translator
 
@@ -30,17 +31,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--length-penalty", type=float, default=None, metavar="A",
                         help="rank by log-prob / ((5 + len) / 6)^A (default: the run's "
                              "seq2seq.length_penalty)")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                        help="run the model with NumPy (cpu, default) or CuPy (gpu)")
+    add_device_argument(parser)
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per input line: the input and its translations "
                              "with scores (log-prob / length penalty) and log-probs")
 
 
 def run(args) -> int:
-    import sys
-
-
     translator = load_translator(args.checkpoint, backend=get_backend(args.device))
     beam = translator.beam if args.beam is None else args.beam
     check_search(beam, args.n_best, args.max_len)      # before reading any input

@@ -103,11 +103,7 @@ class Trainer:
             stop = self.sync.should_stop(step)
             end = step >= max_steps
             if stop or end or self.checkpoint_due(step):
-                reason = {"step": step, "stop": bool(stop), "end": bool(end),
-                          "checkpoint": True, "signal": signals.signal_name()}
-                # every rank follows the lead worker's reason
-                agreed = self.sync.meet(step, reason, self.worker_state(step))
-                stop, end = bool(agreed["stop"]), bool(agreed["end"])
+                stop, end = self._meet(step, stop, end)
             self.sync.pull(step)
             self._write_pending(step)
             if stop or end:
@@ -132,14 +128,19 @@ class Trainer:
             if self.log is not None:   # the boundary's record covers its last batches
                 self._sample_records({"applied_totals": self.sync.applied_through(boundary)},
                                      through=boundary)
-            reason = {"step": boundary, "stop": stop, "end": end, "checkpoint": True,
-                      "signal": signals.signal_name()}
-            agreed = self.sync.meet(boundary, reason, self.worker_state(boundary))
-            stop, end = bool(agreed["stop"]), bool(agreed["end"])
+            stop, end = self._meet(boundary, stop, end)
             self.sync.pull(boundary)
             self._write_pending(boundary)
             if stop or end:
                 return self._finish(boundary, stop)
+
+    def _meet(self, step: int, stop: bool, end: bool) -> tuple[bool, bool]:
+        """Sync point at ``step`` (checkpoint there); returns the agreed (stop, end):
+        every rank follows the lead worker's reason."""
+        reason = {"step": step, "stop": bool(stop), "end": bool(end), "checkpoint": True,
+                  "signal": signals.signal_name()}
+        agreed = self.sync.meet(step, reason, self.worker_state(step))
+        return bool(agreed["stop"]), bool(agreed["end"])
 
     def next_sync_point(self, step: int) -> int:
         """The first boundary after ``step`` where all workers meet: a checkpoint or the end."""
