@@ -22,7 +22,8 @@ import pytest
 from mpi_util import (SHAKESPEARE_CHAR, assert_same_run, check_ok, final_params, mismatches,
                       mpi_env, read_metrics, run_command, run_mpi, run_ok, train_args)
 
-from hpcps.ps.balance import SplitSearch, choose, equal_split, fastest_split, moved, slice_of
+from hpcps.ps.balance import (MIN_SAMPLES, SETTLE_STEPS, SplitSearch, choose, equal_split, fastest_split, moved, new_best,
+                              slice_of)
 
 
 # -- the planner ---------------------------------------------------------------------------------
@@ -48,16 +49,23 @@ def test_a_move_keeps_one_sequence_each():
     assert moved((4, 4), 1, 1) is None
 
 
-def test_choose_explores_from_the_best_and_returns_to_it():
+def test_choose_explores_only_from_the_best_and_returns_to_it():
     tried = {(4, 4, 4, 4): 10.0}
-    assert choose((4, 4, 4, 4), tried, (5, 4, 4, 3)) == (5, 4, 4, 3)      # new: try it
-    tried[(5, 4, 4, 3)] = 8.0
-    assert choose((5, 4, 4, 3), tried, (5, 5, 4, 2)) == (5, 5, 4, 2)      # better: go on
-    tried[(5, 5, 4, 2)] = 9.0
-    assert choose((5, 5, 4, 2), tried, (6, 5, 4, 1)) == (5, 4, 4, 3)      # worse: back
-    assert choose((5, 4, 4, 3), tried, (5, 5, 4, 2)) == (5, 4, 4, 3)      # tried: stay
-    tried[(5, 4, 4, 3)] = 9.1   # within 3 % of the best: noise, stay
-    assert choose((5, 4, 4, 3), tried, (5, 5, 4, 2)) == (5, 4, 4, 3)
+    best = (4, 4, 4, 4)
+    assert choose(best, best, tried, (5, 4, 4, 3)) == (5, 4, 4, 3)        # new: try it
+    assert choose(best, best, tried, (4, 4, 4, 4)) == best                # tried: stay
+    tried[(5, 4, 4, 3)] = 9.7   # a trial within 5 % of the best: noise, not better
+    assert new_best(best, tried) == best
+    assert choose((5, 4, 4, 3), best, tried, (5, 5, 4, 2)) == best        # back, no drift
+    tried[(5, 4, 4, 3)] = 8.0   # clearly faster: the new best, explored from
+    best = new_best(best, tried)
+    assert best == (5, 4, 4, 3)
+    assert choose(best, best, tried, (5, 5, 4, 2)) == (5, 5, 4, 2)
+    tried[(5, 5, 4, 2)] = 7.9   # faster, but not by 5 %: the best stays
+    assert new_best(best, tried) == (5, 4, 4, 3)
+    tried[(5, 4, 4, 3)] = 8.5   # the best re-measured slower: the clearly faster one wins
+    assert new_best((5, 4, 4, 3), tried) == (5, 5, 4, 2)
+    assert new_best(None, {(4, 4, 4, 4): 3.0}) == (4, 4, 4, 4)
 
 
 def run_search(step_time, compute, periods: int = 8, every: int = 4) -> list[tuple]:
@@ -98,6 +106,30 @@ def test_search_returns_when_a_move_made_it_slower():
     assert (5, 4, 4, 3) not in visited[2:]   # never again
 
 
+def test_search_does_not_drift_on_noisy_step_times():
+    # shared cores: now and then (1 in 5) a step time or a compute loses a scheduler slice
+    # (3 units, a fast worker's 3 sequences); the straggler (worker 3) is 2x slower. A trial
+    # must beat the best by 5 % on 8 step times and only the best is explored from, so the
+    # search ends within 10 % of the fastest split and never hands the straggler 3 or more
+    # sequences once it has left (4,4,4,4). (The earlier planner, which explored on from any
+    # split within 5 % of the best, failed this in 2 of these 20 runs.)
+    rng = np.random.default_rng(7)
+
+    def true_time(split):
+        return max([float(n) for n in split[:3]] + [2.0 * split[3]])
+
+    def noisy(value):
+        return value + 3.0 * (rng.random() < 0.2)
+
+    def compute(split):
+        return [noisy(n) for n in split[:3]] + [noisy(2.0 * split[3])]
+    optimum = min(true_time(s) for s in [(5, 5, 5, 1), (5, 5, 4, 2), (5, 4, 5, 2), (4, 5, 5, 2)])
+    for _ in range(20):
+        visited = run_search(lambda split: noisy(true_time(split)), compute, periods=40)
+        assert true_time(visited[-1]) <= 1.1 * optimum, visited
+        assert all(split[3] <= 2 for split in visited[1:]), visited
+
+
 def test_planner_negative_control():
     # equal workers: no move looks faster, the search never leaves equal slices
     def compute(split):
@@ -114,6 +146,7 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_siz
         "ps.servers=1"]
 # rank 2 (worker 2 of 3; the server is rank 3) computes 4 times slower
 BALANCED = ["ps.mode=bsp", "ps.balance=speed", "ps.straggler=2:4"]
+FIRST_PLAN = SETTLE_STEPS + MIN_SAMPLES   # the step of the first re-plan after a start
 
 
 def tiny(corpus, run, *extra) -> list[str]:
@@ -142,28 +175,28 @@ def test_balanced_bsp_equals_one_process(mpi_impl, tmp_path, shakespeare_corpus)
 @pytest.mark.mpi
 @pytest.mark.timeout(240)
 def test_resume_rederives_the_split_bit_for_bit(tmp_path, shakespeare_corpus):
-    # one re-plan inside the compared steps: at step 6, where the checkpoint is (the
-    # record of step 6 carries the split published for step 6)
-    args = [*BALANCED, "ps.balance_every=6", "checkpoint.every=6", "checkpoint.keep=5"]
+    # one re-plan inside the compared steps: the first one, at step 9 (1 settling step, then
+    # 8 step times), where the checkpoint is (its record carries the split published for it)
+    args = [*BALANCED, "ps.balance_every=6", f"checkpoint.every={FIRST_PLAN}", "checkpoint.keep=5"]
     ref = tmp_path / "ref" / "run"
     run_ok(tiny(shakespeare_corpus, ref, *args), ref, n=4, timeout=150)
     records = read_metrics(ref)
-    assert records[6]["split"] != [BATCH] * 3, "no re-plan at step 6: nothing was tested"
+    assert records[FIRST_PLAN]["split"] != [BATCH] * 3, "no re-plan there: nothing was tested"
 
-    def resume_from_step_6(name: str, *extra) -> "Path":
+    def resume_from_the_plan(name: str, *extra) -> "Path":
         run = tmp_path / name / "run"
         shutil.copytree(ref, run)
         shutil.rmtree(run / "checkpoints" / f"step_{STEPS:08d}")
         job = run_ok(tiny(shakespeare_corpus, run, *args, *extra)[1:], run, n=4, timeout=150,
                      name=name)
-        assert "resuming from" in job.stdout and "step_00000006" in job.stdout, job.output()
+        assert "resuming from" in job.stdout and f"step_{FIRST_PLAN:08d}" in job.stdout, job.output()
         return run
-    resumed = resume_from_step_6("resumed")
-    assert read_metrics(resumed)[6]["split"] == records[6]["split"]
+    resumed = resume_from_the_plan("resumed")
+    assert read_metrics(resumed)[FIRST_PLAN]["split"] == records[FIRST_PLAN]["split"]
     assert_same_run(resumed, ref)
     np.testing.assert_array_equal(final_params(resumed), final_params(ref))
     # negative control: the same resume with equal slices is visibly another summation
-    other = resume_from_step_6("equal", "ps.balance=none")
+    other = resume_from_the_plan("equal", "ps.balance=none")
     with pytest.raises(AssertionError):
         assert_same_run(other, ref)
     assert mismatches(read_metrics(other), records) == []   # still the same run to 1e-5

@@ -14,7 +14,9 @@ Modes (``--straggler-modes``): bsp, bsp+balance (``ps.balance = speed``), bsp+ba
 (``ps.backup_workers = 1``), ssp (``ps.staleness = --staleness``), asp, and asp with
 each delay compensation (asp+lr, asp+dc, asp+gap, asp+lookahead; also ssp+lookahead);
 ``asp-steps`` is the old asp whose every worker runs its own steps
-(``ps.budget = worker_steps``).
+(``ps.budget = worker_steps``). ``bsp-unslowed`` is bsp with nobody slowed down: the
+ceiling of any remedy on the machine at hand (when workers share cores, a straggler's
+idle time goes to the others, so no split of the batch can beat it by much).
 
 Per run: **time to finish** (the seconds of training in the lead's closing "done:" line,
 written once every worker is done),
@@ -46,8 +48,11 @@ MODES = {
     "asp+lookahead": ["ps.mode=asp", "ps.delay_compensation=lookahead"],
     "ssp+lookahead": ["ps.mode=ssp", "ps.delay_compensation=lookahead"],
     "asp-steps": ["ps.mode=asp", "ps.budget=worker_steps"],
+    "bsp-unslowed": ["ps.mode=bsp"],   # runs without the slowdown (see the docstring)
 }
-DEFAULT_MODES = "bsp,bsp+balance,bsp+backup,ssp,asp,asp+lr,asp+dc,asp+gap,asp+lookahead"
+UNSLOWED = "bsp-unslowed"
+DEFAULT_MODES = ("bsp,bsp+balance,bsp+backup,ssp,asp,asp+lr,asp+dc,asp+gap,asp+lookahead,"
+                 "bsp-unslowed")
 TARGETS = {"straggler": {"bsp+balance": 1.6, "asp+lr": 1.6, "asp+dc": 1.6, "asp+gap": 1.6,
                          "asp+lookahead": 1.6},
            "transient": {"ssp": 1.3}}
@@ -95,7 +100,8 @@ def straggler_experiment(runner, kind: str) -> dict:
         reference = None
         for mode in modes:   # interleaved: every mode once per repeat
             output: list = []
-            out_dir, records = runner.launch(workers + 1, ["ps.servers=1", *common, *MODES[mode]],
+            settings = [c for c in common if c != slow] if mode == UNSLOWED else common
+            out_dir, records = runner.launch(workers + 1, ["ps.servers=1", *settings, *MODES[mode]],
                                              env_extra=runner.one_thread, traced=True,
                                              output=output)
             finish = finish_seconds(output[0])

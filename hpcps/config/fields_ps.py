@@ -81,8 +81,9 @@ field("ps.balance", "str", "none",
       "equals one process with the global batch. none: equal slices.",
       choices=("none", "speed"))
 field("ps.balance_every", "int", 20,
-      "Steps between two re-plans of the speed-balanced split (each re-plan compares the "
-      "median step time of this many steps).", min=1)
+      "Steps between two re-plans of the speed-balanced split once the search has settled "
+      "(a trial of a new split measures 8 steps; a split's time is the median of its last 64 "
+      "step times).", min=1)
 field("ps.budget", "str", "auto",
       "asp/ssp: samples: the job trains on train.max_steps x workers x train.batch_size "
       "sequences in all, handed out batch by batch to whichever worker is free (fast workers take "

@@ -11,15 +11,22 @@ its pull, so all use the same split). A model of each worker's speed (seconds pe
 sequence, or a line with a fixed part) is not enough: workers that share cores slow
 each other down, so taking sequences away from a straggler also speeds up the
 others. The planner therefore checks every proposal on the *measured step time*: every
-``ps.balance_every`` steps (the first time after 5; while the search still has a split to
-try, every quarter of that, at least 6 steps) it notes the median step time of the
-split in force; standing on the fastest split measured so far, it tries a new one that the measured compute
-times say is clearly faster (if each worker's time grew in proportion to its
-sequences) — the split that would balance them, or one sequence moved from the worker
-that computed longest to the one that computed shortest (if that does not look slower)
-— and otherwise returns to the fastest split measured. Noise alone does not make it
-wander: a split must measure 5 % faster to be kept. On a persistent straggler it walks to
-the best split in a few periods and stays there; it leaves it again only when a measurement says so.
+``ps.balance_every`` steps (the first time after 9; while the search still has a split to
+try, every quarter of that, at least 10 steps) it adds the step times of the split in
+force to that split's record (the last 64 kept; its time is their median). Standing on
+the best split, it tries a new one that the measured compute times say is clearly
+faster (if each worker's time grew in proportion to its sequences) -- the split that
+would balance them, or one sequence moved from the worker that computed longest to the
+one that computed shortest (if that does not look slower); a trial that does not
+measure clearly faster than the best is left for the best again.
+
+Noise: on shared cores one step time can be off by a scheduler slice (ms), so a trial
+needs 8 step times and must be 5 % faster than the best to replace it; the best is
+re-measured while it stays in force, and another split takes its place only when 5 %
+faster than its record. Without that rule (an earlier version explored on from any
+split within 5 % of the best) the search drifted across lucky measurements to splits
+that gave a 2x-slower straggler 3 or 4 of 16 sequences. On a persistent straggler it
+walks to the best split in a few trials and stays there.
 
 Restart: the lead's record of every step carries the split published for the next
 step (``split``); a resumed run's coordinator publishes the split of the record saved
@@ -36,8 +43,8 @@ from typing import Optional, Sequence
 
 GAIN = 0.05              # a measured split must be 5 % faster to count as faster
 SETTLE_STEPS = 1         # steps after a start or a change whose times are not measured
-MIN_SAMPLES = 4          # step times a period needs before it decides anything
-FIRST_PERIOD = 5         # steps measured before the first decision after a start
+MIN_SAMPLES = 8          # step times a period needs before it decides anything
+KEEP = 64                # step (and compute) times kept per split: its record
 
 
 def equal_split(total: int, workers: int) -> list[int]:
@@ -85,17 +92,21 @@ def fastest_split(total: int, per_sequence: Sequence[float]) -> tuple:
     return tuple(counts)
 
 
-def choose(split: tuple, tried: dict, candidate: Optional[tuple]) -> tuple:
-    """The next split: explore ``candidate`` when it is new and we stand on the fastest
-    split measured so far (within GAIN); otherwise go to the fastest measured split when
-    it is clearly faster than ours; otherwise stay."""
-    best = min(tried, key=tried.get)
-    at_best = tried[split] <= tried[best] * (1 + GAIN)
-    if candidate is not None and candidate not in tried and at_best:
+def choose(split: tuple, best: tuple, tried: dict, candidate: Optional[tuple]) -> tuple:
+    """The next split: explore ``candidate`` when it is new and we stand on the ``best``
+    split; otherwise go to (or stay on) ``best``."""
+    if split == best and candidate is not None and candidate not in tried:
         return candidate
-    if tried[best] * (1 + GAIN) < tried[split]:
-        return best
-    return split
+    return best
+
+
+def new_best(best: Optional[tuple], tried: dict) -> tuple:
+    """The best split after a measurement: the fastest one measured, if it is clearly
+    (GAIN) faster than the best so far; otherwise the best so far stays."""
+    fastest = min(tried, key=tried.get)
+    if best is None or tried[fastest] * (1 + GAIN) < tried[best]:
+        return fastest
+    return best
 
 
 class SplitSearch:
@@ -106,16 +117,22 @@ class SplitSearch:
         self.total, self.W, self.every = total, workers, every
         self.split = tuple(split) if valid_split(split, total, workers) else \
             tuple(equal_split(total, workers))
-        self.tried: dict[tuple, float] = {}
+        self.best: Optional[tuple] = None
+        self.tried: dict[tuple, float] = {}                 # split -> median step time
+        self.step_record: dict[tuple, list[float]] = {}
+        self.compute_record: dict[tuple, list[list[float]]] = {}
         self.period = every
         # long enough for MIN_SAMPLES step times after the settling steps
         self.trial_steps = max(SETTLE_STEPS + MIN_SAMPLES + 1, every // 4)
         self._reset(start_step)
         # the equal split of a start is usually far off: decide early the first time
-        self.decide_at = start_step + SETTLE_STEPS + max(FIRST_PERIOD, MIN_SAMPLES)
+        self.decide_at = start_step + SETTLE_STEPS + MIN_SAMPLES
 
     def _reset(self, step: int) -> None:
         self.measure_from = step + SETTLE_STEPS
+        self._clear()
+
+    def _clear(self) -> None:
         self.compute: list[list[float]] = [[] for _ in range(self.W)]
         self.step_times: list[float] = []
 
@@ -128,6 +145,18 @@ class SplitSearch:
         """Update ``step`` came ``seconds`` after the previous one."""
         if step >= self.measure_from and seconds > 0:
             self.step_times.append(seconds)
+
+    def _record(self) -> list[float]:
+        """Add this period's times to the split's record; returns its median computes."""
+        steps = self.step_record.setdefault(self.split, [])
+        steps.extend(self.step_times)
+        del steps[:-KEEP]
+        self.tried[self.split] = statistics.median(steps)
+        computes = self.compute_record.setdefault(self.split, [[] for _ in range(self.W)])
+        for kept, new in zip(computes, self.compute):
+            kept.extend(new)
+            del kept[:-KEEP]
+        return [statistics.median(c) for c in computes]
 
     def _candidate(self, compute: list[float]) -> Optional[tuple]:
         """An untried split to measure next: the one that would balance the computes if each
@@ -153,25 +182,21 @@ class SplitSearch:
         if step < self.decide_at or len(self.step_times) < MIN_SAMPLES \
                 or not all(self.compute):
             return self.split
-        measured = statistics.median(self.step_times)
-        best_before = min(self.tried.values(), default=float("inf"))
-        old = self.tried.get(self.split)
-        self.tried[self.split] = measured if old is None else 0.5 * (old + measured)
-        compute = [statistics.median(c) for c in self.compute]
-        candidate = self._candidate(compute)
-        chosen = choose(self.split, self.tried, candidate)
+        compute = self._record()
+        best_before = self.best
+        self.best = new_best(self.best, self.tried)
+        candidate = self._candidate(compute) if self.split == self.best else None
+        chosen = choose(self.split, self.best, self.tried, candidate)
         # a period that found nothing faster makes the next one twice as long (up to 8x):
         # once the best split is found, the search mostly stays there. While there is a
-        # split left to try, periods are short: a bad guess costs a few steps, and so does
-        # the return from it.
-        found = measured * (1 + GAIN) < best_before
+        # split to try or to leave, periods are short: a bad guess costs a few steps.
+        found = self.best != best_before
         self.period = self.every if found else min(8 * self.every, 2 * self.period)
-        searching = candidate is not None or (chosen != self.split and chosen not in self.tried)
+        searching = chosen != self.split or candidate is not None
         self.decide_at = step + (self.trial_steps if searching else self.period)
         if chosen != self.split:
             self.split = chosen
             self._reset(step)
         else:
-            self.compute = [[] for _ in range(self.W)]
-            self.step_times = []
+            self._clear()
         return self.split
