@@ -6,7 +6,8 @@ W simulated workers compute batches of the global sample stream (claim k is item
 worker w needs ``times[w]`` time units per batch. When a worker finishes, its gradient
 (computed on the params it pulled when it started) is clipped, corrected by the update
 rule (``hpcps.ps.update_rules``, exactly the servers' code) and applied; the worker then
-pulls the current params and claims the next batch. Staleness therefore arises as in a
+pulls the current params and claims the next batch (``ps.read_your_writes = false``: it
+pulled them before its own update was applied). Staleness therefore arises as in a
 real asp job (about W − 1 for a fast worker, more for the straggler), without the noise
 of a shared machine. ``--mode bsp`` runs the synchronous reference on the same samples.
 
@@ -33,8 +34,12 @@ from hpcps.ps.update_rules import make_update_rule
 from hpcps.workloads import build_workload
 
 
-def simulate(cfg, workers: int, times: list[float], mode: str = "asp") -> dict:
-    """Train on max_steps x workers x batch_size sequences; returns losses and val."""
+def simulate(cfg, workers: int, times: list[float], mode: str = "asp",
+             jitter: float = 0.0) -> dict:
+    """Train on max_steps x workers x batch_size sequences; returns losses and val.
+    ``jitter``: each batch takes ``times[w] x (1 + jitter x u)``, u uniform in [-1, 1]
+    (seeded): the irregular staleness of workers that share cores."""
+    rng = np.random.default_rng(cfg.train.seed)
     workload = build_workload(cfg, CPU)
     layout = workload.layout
     n, b = layout.total, cfg.train.batch_size
@@ -73,6 +78,10 @@ def simulate(cfg, workers: int, times: list[float], mode: str = "asp") -> dict:
             _, scale = clip_coefficient(float(grads @ grads), cfg.train.grad_clip)
             stale.append(version - pulled_version[w])
             factor = rule.correct(grads, pulled_version[w], version, state)
+            more = next_claim < total
+            if more and not cfg.ps.read_your_writes:   # the next pull misses our own update
+                pulled[w][:] = params
+                pulled_version[w] = version
             if state is not params:
                 params[:] = state
             opt.step(state, grads, lr_fn(step) * factor, scale)
@@ -80,12 +89,14 @@ def simulate(cfg, workers: int, times: list[float], mode: str = "asp") -> dict:
                 rule.publish(params, state)
             version += 1
             rule.applied(version, state)
-            if next_claim < total:
+            if more:
                 claims[w] = next_claim
                 next_claim += 1
-                pulled[w][:] = params
-                pulled_version[w] = version
-                heapq.heappush(events, (now + times[w], w))
+                if cfg.ps.read_your_writes:
+                    pulled[w][:] = params
+                    pulled_version[w] = version
+                took = times[w] * (1.0 + jitter * rng.uniform(-1.0, 1.0))
+                heapq.heappush(events, (now + took, w))
     sums = workload.eval_sums(state, 0, cfg.train.eval_steps * workers * b)
     out = {"mode": mode, "rule": cfg.ps.delay_compensation,
            "val_loss": workload.finalize_eval(sums)["val_loss"],
@@ -104,6 +115,8 @@ def main(argv=None) -> None:
     parser.add_argument("--times", default="1,1,1,2", help="time per batch of each worker")
     parser.add_argument("--rules", default="none,lr,dc,gap,lookahead",
                         help="rules to run; dc@LAMBDA sets ps.dc_lambda")
+    parser.add_argument("--jitter", type=float, default=0.0,
+                        help="each batch takes time x (1 + jitter x u), u uniform in [-1, 1]")
     parser.add_argument("--bsp", action="store_true", help="also run the bsp reference")
     args = parser.parse_args(argv)
     times = [float(t) for t in args.times.split(",")]
@@ -115,8 +128,9 @@ def main(argv=None) -> None:
         name, _, lam = rule.partition("@")
         extra = [f"ps.delay_compensation={name}"] + ([f"ps.dc_lambda={lam}"] if lam else [])
         cfg = load_config(path, [*args.overrides, *extra])
-        result = simulate(cfg, args.workers, times)
+        result = simulate(cfg, args.workers, times, jitter=args.jitter)
         result["lambda"] = cfg.ps.dc_lambda
+        result["jitter"] = args.jitter
         print(json.dumps(result), flush=True)
 
 

@@ -14,7 +14,8 @@ Modes (``--straggler-modes``): bsp, bsp+balance (``ps.balance = speed``), bsp+ba
 (``ps.backup_workers = 1``), ssp (``ps.staleness = --staleness``), asp, and asp with
 each delay compensation (asp+lr, asp+dc, asp+gap, asp+lookahead; also ssp+lookahead);
 ``asp-steps`` is the old asp whose every worker runs its own steps
-(``ps.budget = worker_steps``). ``bsp-unslowed`` is bsp with nobody slowed down: the
+(``ps.budget = worker_steps``); ``/early-pull`` modes pull without waiting for the
+worker's own last push (``ps.read_your_writes = false``). ``bsp-unslowed`` is bsp with nobody slowed down: the
 ceiling of any remedy on the machine at hand (when workers share cores, a straggler's
 idle time goes to the others, so no split of the batch can beat it by much).
 
@@ -48,6 +49,9 @@ MODES = {
     "asp+lookahead": ["ps.mode=asp", "ps.delay_compensation=lookahead"],
     "ssp+lookahead": ["ps.mode=ssp", "ps.delay_compensation=lookahead"],
     "asp-steps": ["ps.mode=asp", "ps.budget=worker_steps"],
+    "asp/early-pull": ["ps.mode=asp", "ps.read_your_writes=false"],
+    "asp+lookahead/early-pull": ["ps.mode=asp", "ps.delay_compensation=lookahead",
+                                 "ps.read_your_writes=false"],
     "bsp-unslowed": ["ps.mode=bsp"],   # runs without the slowdown (see the docstring)
 }
 UNSLOWED = "bsp-unslowed"

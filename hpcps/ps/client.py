@@ -81,6 +81,11 @@ class PSClient:
         # step t+1 only after pulling version t+1, so the slot is free without asking (not with
         # backup workers: a late push of step t may still wait in it for update t+1)
         self.slot_always_free = self.mode == "bsp" and not cfg.ps.backup_workers
+        # asp/ssp, ps.read_your_writes: a shard is pulled only once it applied our last push
+        # (the server frees our slot after that update), so the gradient we compute next sees
+        # our own last update; otherwise every push would also be stale by itself
+        self.pull_after_own_push = self.mode != "bsp" and cfg.ps.read_your_writes
+        self._unapplied = [False] * self.S   # our last push to shard s is not known applied
         self.version_waits = WaitHistory()  # bsp: push -> next version, mostly the server's update
 
     def wait_until(self, condition: Callable[[], bool], backoff: Optional[Backoff] = None) -> None:
@@ -119,6 +124,9 @@ class PSClient:
                 if self.mode == "bsp" and self.wins.read(self.servers[s], C.VERSION) < step:
                     still.append(s)
                     continue
+                if self.pull_after_own_push and not self._own_push_applied(s):
+                    still.append(s)
+                    continue
                 if not self._start_get(s, handle):
                     still.append(s)  # the owner is updating this shard right now
             pending = still
@@ -131,6 +139,15 @@ class PSClient:
         if bsp:
             self.version_waits.add(time.monotonic() - started)
         return handle
+
+    def _own_push_applied(self, s: int) -> bool:
+        """Shard ``s`` applied our last push (asp/ssp with ps.read_your_writes: our slot is
+        freed after the update). Asks the server only while a push is unconfirmed: one
+        remote read per push, none for pulls without a push between them."""
+        if self._unapplied[s]:
+            self._unapplied[s] = self.wins.read(self.servers[s],
+                                                self.L.slot_state + self.slot) != 0
+        return not self._unapplied[s]
 
     def _start_get(self, s: int, handle: PullHandle) -> bool:
         MPI = mpi()
@@ -160,9 +177,10 @@ class PSClient:
         if isinstance(handle, PullHandle):
             self._finish_gets(handle)
         else:
-            for rank in self.servers:
+            for s, rank in enumerate(self.servers):
                 self.wins.slots.Flush(rank)  # payload complete at the target ...
                 self.wins.write(rank, self.L.slot_state + self.slot, 1)  # ... before the flag says so
+                self._unapplied[s] = True
         handle.done = True
 
     # -- push ------------------------------------------------------------------------
@@ -172,7 +190,9 @@ class PSClient:
         self._grads, self._touched = grads, touched
         self._ready = [0] * self.S
         self._sent = [False] * self.S
-        self._slot_free = [None] * self.S
+        # a confirmed applied push left the slot free (read your writes): no need to ask
+        self._slot_free = [True if self.pull_after_own_push and not pending else None
+                           for pending in self._unapplied]
         return self._grad_ready
 
     def _grad_ready(self, lo: int, hi: int) -> None:
@@ -242,7 +262,7 @@ class PSClient:
             header[Header.SCALE] = f2i(scale)
             header[Header.ITEMS] = items
             if not self._sent[s]:
-                if not self.slot_always_free:
+                if not self._slot_is_free(s):
                     self.wait_until(lambda r=rank: self.wins.read(r, self.L.slot_state + self.slot) == 0)
                 self._encode_and_put(s)
                 self._sent[s] = True

@@ -96,6 +96,9 @@ class Server:
         self.state = self.rule.own if self.rule.private_params else self.params
         # bsp with backup workers: late pushes wait in `carry` for the next update
         self.backup = cfg.ps.backup_workers if self.mode == "bsp" else 0
+        # asp/ssp: free a push's slot only once it is applied, not once decoded: the pusher's
+        # next pull waits for that (ps.read_your_writes), so it sees its own last update
+        self.free_slot_when_applied = self.mode != "bsp" and cfg.ps.read_your_writes
         self.start_version = version
         self.carry = Carry(self.codec.n) if self.backup else None
         self.pushed_through = [version - 1] * self.P
@@ -390,13 +393,16 @@ class Server:
         head = self._headers([p])[0]
         self.acc.fill(0.0)
         self.codec.decode_add(self._payload(p, int(head[Header.NBYTES])), self.acc, 1.0)
-        self.wins.write(self.me, self.L.slot_state + p, 0)  # decoded: the pusher may refill it
+        if not self.free_slot_when_applied:
+            self.wins.write(self.me, self.L.slot_state + p, 0)  # decoded: the pusher may refill it
         pulled = int(head[Header.PULLED_VERSION])
         self.hist[min(max(0, self.version - pulled), HIST_BINS - 1)] += 1
         # the params only change here, so the rule may read them outside the gate
         factor = self.rule.correct(self.acc, pulled, self.version, self.state, self.progress)
         self._update(self.acc, self.lr_fn(int(head[Header.STEP])) * factor,
                      i2f(head[Header.SCALE]))
+        if self.free_slot_when_applied:   # the version moved: the pusher may pull (and refill)
+            self.wins.write(self.me, self.L.slot_state + p, 0)
         self.wins.add_block(self.me, self.L.hist, self.hist)
         self.hist[:] = 0
         if self.is_coordinator:  # the running loss of the pushes applied (sample-budget records)
