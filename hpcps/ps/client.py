@@ -86,6 +86,7 @@ class PSClient:
         # our own last update; otherwise every push would also be stale by itself
         self.pull_after_own_push = self.mode != "bsp" and cfg.ps.read_your_writes
         self._unapplied = [False] * self.S   # our last push to shard s is not known applied
+        self.apply_waits = WaitHistory()    # asp/ssp: pull -> our last push applied
         self.version_waits = WaitHistory()  # bsp: push -> next version, mostly the server's update
 
     def wait_until(self, condition: Callable[[], bool], backoff: Optional[Backoff] = None) -> None:
@@ -115,8 +116,13 @@ class PSClient:
         pending = list(range(self.S))
         backoff = Backoff()
         bsp = self.mode == "bsp"
+        # read your writes: nap through most of the expected wait for our own push instead of
+        # polling its slot (every poll is an atomic on the server's window)
+        own = self.pull_after_own_push and any(self._unapplied)
         if bsp:
             backoff.reset(self.version_waits.expect())
+        elif own:
+            backoff.reset(self.apply_waits.expect())
         started = time.monotonic()
         while pending:
             still = []
@@ -138,6 +144,8 @@ class PSClient:
                 backoff.pause()
         if bsp:
             self.version_waits.add(time.monotonic() - started)
+        elif own:
+            self.apply_waits.add(time.monotonic() - started)
         return handle
 
     def _own_push_applied(self, s: int) -> bool:
