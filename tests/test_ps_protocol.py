@@ -5,6 +5,7 @@ same check where it must fail."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ def test_protocol_case_over_the_network(net_impl, case):
 def atomic_seconds(impl: str) -> float:
     result = run_mpi(2, ["target_progress"], impl, timeout=60, program=[str(CASES)])
     assert result.returncode == 0, describe(result)
-    return float(next(x for x in result.stdout.split() if x[0].isdigit()))
+    # the two ranks' lines may interleave without a newline between them ("0.900504OK ...")
+    return float(re.search(r"ATOMIC (\d+\.\d+)", result.stdout).group(1))
 
 
 def test_network_path_really_goes_through_the_network_module(net_impl):
