@@ -73,7 +73,10 @@ class PSClient:
         self._ready = [0] * self.S
         self._sent = [False] * self.S
         self._nbytes = [0] * self.S
-        self._slot_free: list = [None] * self.S
+        # our slot on shard s: known free (only we fill it, so a free slot stays free until
+        # our next push), and whether this push already asked (one remote read per push)
+        self._slot_known_free = [True] * self.S
+        self._slot_asked = [False] * self.S
         self._grads = None
         self._touched = None
         self.overlap = cfg.ps.overlap
@@ -85,7 +88,6 @@ class PSClient:
         # (the server frees our slot after that update), so the gradient we compute next sees
         # our own last update; otherwise every push would also be stale by itself
         self.pull_after_own_push = self.mode != "bsp" and cfg.ps.read_your_writes
-        self._unapplied = [False] * self.S   # our last push to shard s is not known applied
         self.apply_waits = WaitHistory()    # asp/ssp: pull -> our last push applied
         self.version_waits = WaitHistory()  # bsp: push -> next version, mostly the server's update
 
@@ -118,7 +120,7 @@ class PSClient:
         bsp = self.mode == "bsp"
         # read your writes: nap through most of the expected wait for our own push instead of
         # polling its slot (every poll is an atomic on the server's window)
-        own = self.pull_after_own_push and any(self._unapplied)
+        own = self.pull_after_own_push and not all(self._slot_known_free)
         if bsp:
             backoff.reset(self.version_waits.expect())
         elif own:
@@ -150,12 +152,13 @@ class PSClient:
 
     def _own_push_applied(self, s: int) -> bool:
         """Shard ``s`` applied our last push (asp/ssp with ps.read_your_writes: our slot is
-        freed after the update). Asks the server only while a push is unconfirmed: one
-        remote read per push, none for pulls without a push between them."""
-        if self._unapplied[s]:
-            self._unapplied[s] = self.wins.read(self.servers[s],
-                                                self.L.slot_state + self.slot) != 0
-        return not self._unapplied[s]
+        freed after the update). Asks the server only while the slot is not known free."""
+        if not self._slot_known_free[s]:
+            self._slot_known_free[s] = self._read_slot_free(s)
+        return self._slot_known_free[s]
+
+    def _read_slot_free(self, s: int) -> bool:
+        return self.wins.read(self.servers[s], self.L.slot_state + self.slot) == 0
 
     def _start_get(self, s: int, handle: PullHandle) -> bool:
         MPI = mpi()
@@ -188,7 +191,7 @@ class PSClient:
             for s, rank in enumerate(self.servers):
                 self.wins.slots.Flush(rank)  # payload complete at the target ...
                 self.wins.write(rank, self.L.slot_state + self.slot, 1)  # ... before the flag says so
-                self._unapplied[s] = True
+                self._slot_known_free[s] = False
         handle.done = True
 
     # -- push ------------------------------------------------------------------------
@@ -198,9 +201,7 @@ class PSClient:
         self._grads, self._touched = grads, touched
         self._ready = [0] * self.S
         self._sent = [False] * self.S
-        # a confirmed applied push left the slot free (read your writes): no need to ask
-        self._slot_free = [True if self.pull_after_own_push and not pending else None
-                           for pending in self._unapplied]
+        self._slot_asked = [False] * self.S
         return self._grad_ready
 
     def _grad_ready(self, lo: int, hi: int) -> None:
@@ -227,10 +228,10 @@ class PSClient:
     def _slot_is_free(self, s: int) -> bool:
         if self.slot_always_free:
             return True
-        if self._slot_free[s] is None:
-            rank = self.servers[s]
-            self._slot_free[s] = self.wins.read(rank, self.L.slot_state + self.slot) == 0
-        return self._slot_free[s]
+        if not self._slot_known_free[s] and not self._slot_asked[s]:
+            self._slot_asked[s] = True
+            self._slot_known_free[s] = self._read_slot_free(s)
+        return self._slot_known_free[s]
 
     def _put_bytes(self, s: int, offset: int, values: np.ndarray) -> None:
         rank = self.servers[s]
@@ -271,7 +272,7 @@ class PSClient:
             header[Header.ITEMS] = items
             if not self._sent[s]:
                 if not self._slot_is_free(s):
-                    self.wait_until(lambda r=rank: self.wins.read(r, self.L.slot_state + self.slot) == 0)
+                    self.wait_until(lambda s=s: self._read_slot_free(s))
                 self._encode_and_put(s)
                 self._sent[s] = True
             header[Header.PULLED_VERSION] = self.pulled_version[s]
