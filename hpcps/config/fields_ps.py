@@ -33,7 +33,11 @@ field("ps.hierarchy", "str", "none",
       "x P); none: every worker pushes.", choices=("none", "node"))
 field("ps.staleness", "int", 2, "SSP bound: a worker at clock c waits until min clock >= c - staleness.",
       min=0)
-field("ps.compression", "str", "none", "Push encoding.", choices=("none", "fp16", "bf16", "topk"))
+field("ps.compression", "str", "none",
+      "Push encoding: fp32 (none), fp16, bf16, top-k, or int4 (4-bit values with one fp32 scale "
+      "per block of 64 elements: 7.1x fewer bytes than fp32; meant for local steps' deltas, "
+      "with error feedback).",
+      choices=("none", "fp16", "bf16", "topk", "int4"))
 field("ps.topk_ratio", "float", 0.01, "Fraction of elements a top-k push keeps, in (0, 1].",
       min=0.0, max=1.0, min_exclusive=True)
 field("ps.error_feedback", "bool", True,
@@ -115,3 +119,36 @@ field("ps.backup_workers", "int", 0,
       "bsp: apply step t once all but this many pushes of step t arrived; a late push is applied "
       "with the next step (staleness 1, no data dropped), and no worker may fall further behind.",
       min=0)
+
+# -- local steps with an outer optimizer (DiLoCo family) ----------------------------------
+field("ps.local_steps", "int", 0,
+      "H: 0 keeps the server-side optimizer (a push per step). H >= 1: every worker (or node, "
+      "with ps.hierarchy = node) steps its own replica with the train.* optimizer, schedule and "
+      "clipping, and every H inner steps pushes the pseudo-gradient delta = params pulled - "
+      "params now; the servers apply ps.outer_optimizer to the sample-weighted mean (bsp: "
+      "synchronous rounds) or to each delta as it arrives (asp). A checkpoint, stop or the "
+      "end also closes a round (keep checkpoint.every a multiple of H for rounds of H).",
+      min=0)
+field("ps.outer_optimizer", "str", "nesterov",
+      "Local steps: the servers' optimizer on the pseudo-gradients. nesterov: SGD with "
+      "Nesterov momentum (DiLoCo; asp: delayed Nesterov, see ps.outer_buffer); sgd: SGD with "
+      "heavy-ball momentum ps.outer_momentum (0: plain; lr 1 and momentum 0 is parameter "
+      "averaging).", choices=("nesterov", "sgd"))
+field("ps.outer_lr", "float", 0.7,
+      "Local steps: the outer learning rate (constant). DiLoCo used 0.7 with 8 workers and "
+      "H = 500; see docs/benchmarks.md for this project's measurements.",
+      min=0.0, min_exclusive=True)
+field("ps.outer_momentum", "float", 0.9, "Local steps: the outer momentum.", min=0.0, max=1.0,
+      check=lambda v: None if v < 1.0 else "must be below 1")
+field("ps.outer_buffer", "int_or_auto", AUTO,
+      "Local steps in asp, nesterov: delayed Nesterov's N. Each delta is applied on arrival "
+      "at outer_lr / N; the momentum moves once per N deltas with their mean, so N deltas "
+      "together make exactly one Nesterov step on their mean (auto: the number of pushers).",
+      min=1)
+field("ps.dynamic_local_steps", "bool", True,
+      "Local steps in asp: a worker's H is scaled by its measured speed, H_w = H x (fastest "
+      "worker's step time / its own), so every worker's round takes about as long and slow "
+      "workers' deltas are not staler (dynamic local updates). false: H for everyone.")
+field("ps.link_gbps", "float", 0.0,
+      "Experiments: emulate a slow link between each worker and the servers: every pull and "
+      "push takes at least its bytes x 8 / (link_gbps x 1e9) seconds (0: off).", min=0.0)
