@@ -166,15 +166,23 @@ def read_shard_slice(path: str, names, a: int, b: int) -> dict:
         return {name: f[name][a:b] for name in names}
 
 
+WORKER_ATTRS = ("worker_index", "n_workers", "step", "pending_record", "format", "kind")
+
+
 def write_worker(path: str, *, index: int, n_workers: int, step: int, pending_record: str,
-                 residual=None) -> None:
+                 arrays: Optional[dict] = None, counters: Optional[dict] = None) -> None:
+    """A worker's state: its pending record, then what its strategy keeps (``arrays``:
+    fp32 datasets such as the error-feedback residual or a local-steps replica's inner
+    optimizer state; ``counters``: integers such as the local-steps round)."""
     with h5py.File(path, "w") as f:
         f.attrs["format"] = FORMAT_NAME
         f.attrs["kind"] = "worker"
         f.attrs.update({"worker_index": index, "n_workers": n_workers, "step": int(step),
                         "pending_record": pending_record or ""})
-        if residual is not None:
-            f.create_dataset("residual", data=residual, dtype=np.float32)
+        for name, value in (counters or {}).items():
+            f.attrs[name] = int(value)
+        for name, value in (arrays or {}).items():
+            f.create_dataset(name, data=value, dtype=np.float32)
 
 
 def read_worker(path: str) -> dict:
@@ -182,8 +190,11 @@ def read_worker(path: str) -> dict:
         text = f.attrs.get("pending_record", "")
         out = {"step": int(f.attrs["step"]),
                "pending_record": text.decode() if isinstance(text, bytes) else str(text)}
-        if "residual" in f:
-            out["residual"] = f["residual"][...]
+        for name, value in f.attrs.items():
+            if name not in WORKER_ATTRS:
+                out[name] = int(value)
+        for name in f:
+            out[name] = f[name][...]
     return out
 
 

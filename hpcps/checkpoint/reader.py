@@ -25,6 +25,7 @@ from hpcps.checkpoint.manifest import (
 from hpcps.config import load_config
 from hpcps.config.load import Config, validate
 from hpcps.errors import UserError
+from hpcps.optim.outer import optimizer_label
 
 
 class ResumePoint:
@@ -63,20 +64,22 @@ class ResumePoint:
         return out
 
     def load_worker(self, worker_index: int, n_workers: int) -> dict:
-        """The worker's step, pending metrics record and (same W only) error-feedback residual."""
+        """The worker's step, pending metrics record and (same W only) what its strategy
+        kept: error-feedback residual, a local-steps replica's inner optimizer state."""
         saved = self.manifest["workers"]
         if n_workers == len(saved):
             return read_worker(os.path.join(self.path, saved[worker_index]["file"]))
-        # another worker count: the lead (index 0) keeps the pending record; residuals
-        # belong to the old workers' slices of the global batch and are dropped
-        state = read_worker(os.path.join(self.path, saved[0]["file"]))
-        had_residual = "residual" in state
-        state.pop("residual", None)
+        # another worker count: the lead (index 0) keeps the pending record; residuals and
+        # inner optimizer states belong to the old workers' slices and replicas: dropped
+        full = read_worker(os.path.join(self.path, saved[0]["file"]))
+        state = {"step": full["step"], "pending_record": full["pending_record"]}
+        dropped = sorted(set(full) - set(state))
         if worker_index != 0:
             state["pending_record"] = ""
-        elif had_residual:
-            print(f"hpcps: note: checkpoint {self.path} has {len(saved)} workers' error-feedback "
-                  f"residuals; this run has {n_workers} workers, so they start from zero",
+        elif dropped:
+            print(f"hpcps: note: checkpoint {self.path} has {len(saved)} workers' own state "
+                  f"({', '.join(dropped)}); this run has {n_workers} workers, so theirs start "
+                  "fresh (local steps: from the global params with new inner optimizer state)",
                   file=sys.stderr, flush=True)
         return state
 
@@ -97,7 +100,7 @@ def find_resume(cfg, describe: dict, *, print_warnings: bool) -> Optional[Resume
         path, manifest = found
     else:
         path, manifest = _explicit(choice)
-    check_fits(path, manifest, describe, cfg.train.optimizer)
+    check_fits(path, manifest, describe, optimizer_label(cfg))
     return ResumePoint(path, manifest)
 
 

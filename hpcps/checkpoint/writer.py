@@ -30,11 +30,16 @@ from hpcps.checkpoint.reader import ResumePoint, find_resume
 from hpcps.data.seqcorpus import checkpoint_tokenizer_text
 from hpcps.errors import UserError
 from hpcps.optim import SGD, AdamW
+from hpcps.optim.outer import optimizer_label, outer_state_names
 from hpcps.runtime.polled import PolledComm
 
 
-def _state_names(optimizer: str) -> tuple:
-    return SGD.state_names if optimizer == "sgd" else AdamW.state_names
+def _state_names(cfg, mode: str) -> tuple:
+    """The optimizer arrays a shard holds: the servers' optimizer's (the outer one with
+    local steps)."""
+    if cfg.ps.local_steps:
+        return outer_state_names(cfg, mode)
+    return SGD.state_names if cfg.train.optimizer == "sgd" else AdamW.state_names
 
 
 class SaveFailed(Exception):
@@ -102,7 +107,7 @@ class Checkpointer:
         self.rank = roles.world_rank
         self.comm = roles.comm
         self.world_size = roles.world_size
-        self.state_names = _state_names(cfg.train.optimizer)
+        self.state_names = _state_names(cfg, roles.mode)
         self.resume: Optional[ResumePoint] = None
         self.job: Optional[_Job] = None
         self.cleaned = False
@@ -212,10 +217,14 @@ class Checkpointer:
             work["shard"] = {"index": index, "lo": int(lo), "hi": int(hi), "arrays": arrays,
                              "t": int(state["t"]), "version": int(state.get("version", step))}
         if worker is not None and self.roles.is_worker:
-            residual = worker.get("residual")
+            # the strategy's state: arrays (residual, inner optimizer moments) and counters
+            kept = {k: v for k, v in worker.items() if k not in ("step", "pending_record")}
             work["worker"] = {"index": self.roles.worker_index,
                               "pending_record": worker.get("pending_record") or "",
-                              "residual": None if residual is None else host(residual)}
+                              "arrays": {k: host(v) for k, v in kept.items()
+                                         if hasattr(v, "shape")},
+                              "counters": {k: int(v) for k, v in kept.items()
+                                           if not hasattr(v, "shape")}}
         return work
 
     def _write_own(self, step: int, tmp: str, work: dict, fault: Optional[str]) -> dict:
@@ -226,7 +235,7 @@ class Checkpointer:
             name = F.server_file(s["index"])
             path = os.path.join(tmp, name)
             F.write_shard(path, lo=s["lo"], hi=s["hi"], arrays=s["arrays"], t=s["t"],
-                          version=s["version"], step=step, optimizer=self.cfg.train.optimizer,
+                          version=s["version"], step=step, optimizer=optimizer_label(self.cfg),
                           fault=fault)
             entry["files"][name] = F.hash_and_sync(path)
             entry["shards"].append({"file": name, "lo": s["lo"], "hi": s["hi"], "t": s["t"],
@@ -238,7 +247,8 @@ class Checkpointer:
             if "shard" not in work:
                 F.inject(fault, path)
             F.write_worker(path, index=w["index"], n_workers=self.roles.n_workers, step=step,
-                           pending_record=w["pending_record"], residual=w["residual"])
+                           pending_record=w["pending_record"], arrays=w["arrays"],
+                           counters=w["counters"])
             entry["files"][name] = F.hash_and_sync(path)
             entry["workers"].append({"file": name, "index": w["index"]})
         if self.rank == 0 and self.tokenizer_text is not None:
@@ -343,7 +353,7 @@ class Checkpointer:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "unix_time": time.time(),
             "reason": reason, "mode": self.roles.mode, "world_size": self.world_size,
             "n_servers": self.roles.n_servers, "n_workers": self.roles.n_workers,
-            "n_params": self.layout.total, "optimizer": self.cfg.train.optimizer,
+            "n_params": self.layout.total, "optimizer": optimizer_label(self.cfg),
             "state_names": list(self.state_names), "shards": shards, "workers": workers,
             "files": files, "describe": self.describe, "layout": self.layout.describe(),
             "config": self.cfg.as_dict(),

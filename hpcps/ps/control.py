@@ -50,7 +50,9 @@ class ControlLayout:
         self.hist = self.parked + w              # [HIST_BINS] staleness histogram of this shard
         # [w] coordinator, ps.balance = speed: each worker's sequences of the next bsp step
         self.split = self.hist + HIST_BINS
-        self.size = self.split + w
+        # [w] coordinator, local steps in asp: each worker's mean inner step time (ns)
+        self.step_time = self.split + w
+        self.size = self.step_time + w
 
     # the block a worker reads once per step from the coordinator
     @property

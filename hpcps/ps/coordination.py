@@ -279,6 +279,15 @@ class WorkerCoordination:
         published last (the step this worker pulled, or after its push the next one)."""
         return self.wins.read_block(self.coord, self.L.split, self.L.split + self.W).tolist()
 
+    def publish_step_time(self, seconds: float) -> None:
+        """Local steps in asp: this worker's mean inner step time, for the others' H."""
+        self.wins.write(self.coord, self.L.step_time + self.w, max(1, int(seconds * 1e9)))
+
+    def step_times(self) -> np.ndarray:
+        """Every worker's published mean step time in seconds (0: none published yet)."""
+        block = self.wins.read_block(self.coord, self.L.step_time, self.L.step_time + self.W)
+        return block.astype(np.float64) * 1e-9
+
     def claim(self) -> int:
         """Sample budget: take the next batch number (a raw count; see ``PSSync.claim``)."""
         return self.wins.add(self.coord, C.CLAIMED, 1)

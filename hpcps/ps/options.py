@@ -10,11 +10,14 @@ roles are known, so a bad combination is one line and exit 2 on every rank:
 - ``ps.delay_compensation`` corrects stale pushes: asp, ssp, or bsp's late pushes
   (lookahead, which moves every pull, only asp and ssp);
 - the sample budget hands batches to single workers, which a node hierarchy (whose
-  workers step together) cannot take.
+  workers step together) cannot take;
+- local steps (``ps.local_steps``) push deltas in bsp rounds or asp, and replace the
+  remedies that correct per-step gradients; their outer keys mean nothing without them.
 """
 
 from __future__ import annotations
 
+from hpcps.config.fields import FIELDS
 from hpcps.errors import UserError
 
 ASYNC_MODES = ("asp", "ssp")
@@ -65,3 +68,43 @@ def check_options(cfg, roles) -> None:
         raise UserError("ps.budget = samples hands batches to single workers; with "
                         "ps.hierarchy = node a node's workers step together: use "
                         "ps.budget = worker_steps")
+    _check_local_steps(cfg, mode)
+
+
+OUTER_KEYS = ("outer_optimizer", "outer_lr", "outer_momentum", "outer_buffer",
+              "dynamic_local_steps")
+
+
+def _check_local_steps(cfg, mode: str) -> None:
+    ps = cfg.ps
+    if ps.link_gbps and mode not in ("bsp", "ssp", "asp"):
+        raise UserError(f"ps.link_gbps throttles the pulls and pushes of a parameter-server "
+                        f"mode (bsp, ssp, asp), not ps.mode = {mode}")
+    if not ps.local_steps:
+        changed = [k for k in OUTER_KEYS if getattr(ps, k) != FIELDS[f"ps.{k}"].default]
+        if changed:
+            raise UserError(f"ps.{changed[0]} = {getattr(ps, changed[0])} applies only to local "
+                            "steps: set ps.local_steps >= 1 or drop it")
+        return
+    H = ps.local_steps
+    if mode not in ("bsp", "asp"):
+        raise UserError(f"ps.local_steps = {H} needs ps.mode = bsp (synchronous rounds) or asp "
+                        f"(each delta applied as it arrives), not ps.mode = {mode}")
+    conflicts = [("ps.hierarchy = node", ps.hierarchy == "node",
+                  "node replicas are not built yet: use ps.hierarchy = none"),
+                 (f"ps.balance = {ps.balance}", ps.balance != "none",
+                  "asp with ps.dynamic_local_steps balances rounds by speed"),
+                 (f"ps.backup_workers = {ps.backup_workers}", ps.backup_workers > 0,
+                  "a round waits for every worker's delta"),
+                 (f"ps.delay_compensation = {ps.delay_compensation}",
+                  ps.delay_compensation != "none",
+                  "stale deltas are handled by the outer optimizer (asp: delayed Nesterov)"),
+                 (f"device = {cfg.device}", cfg.device != "cpu",
+                  "the inner optimizer runs on the host replica only so far")]
+    for what, bad, why in conflicts:
+        if bad:
+            raise UserError(f"ps.local_steps = {H} cannot be combined with {what}: {why}")
+    if ps.outer_buffer != "auto" and (mode != "asp" or ps.outer_optimizer != "nesterov"):
+        raise UserError(f"ps.outer_buffer = {ps.outer_buffer} is delayed Nesterov's group in asp "
+                        f"(ps.outer_optimizer = nesterov); here ps.mode = {mode} and "
+                        f"ps.outer_optimizer = {ps.outer_optimizer}: drop it")

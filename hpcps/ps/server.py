@@ -41,12 +41,16 @@ of a sync point (``comm`` for the checkpoint's own collectives)."""
 
 
 def serve(*, cfg, shards: ShardSet, optimizer, lr_fn: Callable[[int], float], params: np.ndarray,
-          version: int, save: Optional[ShardSave] = None, split=None) -> int:
+          version: int, save: Optional[ShardSave] = None, split=None,
+          max_norm: Optional[float] = None) -> int:
     """A server rank: apply pushes to this shard until the job stops or ends; returns the
     exit code (EXIT_OK at the end, EXIT_REQUEUE after an agreed stop). ``split``: the
-    speed-balanced split saved with the checkpoint this run resumes from."""
+    speed-balanced split saved with the checkpoint this run resumes from. ``optimizer``
+    and ``lr_fn``: the update policy (the train.* optimizer and schedule, or the outer
+    optimizer on local steps' deltas); ``max_norm``: bsp's global-norm clip (default
+    train.grad_clip; 0: none)."""
     server = Server(cfg=cfg, shards=shards, optimizer=optimizer, lr_fn=lr_fn,
-                    params_init=params, version=version, split=split)
+                    params_init=params, version=version, split=split, max_norm=max_norm)
     shards.roles.comm.Barrier()  # shards hold their initial params before any worker pulls
     lo, hi = shards.own_range
 
@@ -68,11 +72,12 @@ class Server:
     and control words; ``serve_until_sync`` is its event loop."""
 
     def __init__(self, *, cfg, shards: ShardSet, optimizer, lr_fn, params_init, version: int = 0,
-                 split=None):
+                 split=None, max_norm: Optional[float] = None):
         roles, wins = shards.roles, shards.wins
         self.cfg, self.roles, self.wins = cfg, roles, wins
         self.codec = shards.codecs[roles.server_index]
         self.opt, self.lr_fn = optimizer, lr_fn
+        self.max_norm = cfg.train.grad_clip if max_norm is None else max_norm
         self.mode = roles.mode
         self.me = roles.world_rank
         self.index = roles.server_index
@@ -294,7 +299,7 @@ class Server:
         loss = float(loss_sum / total)
         sumsq = float(grad @ grad)
         total_sumsq = self._allreduce_servers(sumsq)
-        norm, scale = clip_coefficient(total_sumsq, self.cfg.train.grad_clip)
+        norm, scale = clip_coefficient(total_sumsq, self.max_norm)
         for p, h in zip(pushers, heads):
             self.hist[min(max(0, self.version - int(h[Header.PULLED_VERSION])), HIST_BINS - 1)] += 1
             self.pushed_through[p] = self.version
@@ -367,7 +372,7 @@ class Server:
         carry = self.carry
         grad = carry.acc * np.float32(1.0 / carry.weight)
         norm, scale = clip_coefficient(self._allreduce_servers(float(grad @ grad)),
-                                       self.cfg.train.grad_clip)
+                                       self.max_norm)
         self.wins.add_block(self.me, self.L.hist, self.hist)
         self.hist[:] = 0
         self.wins.add(self.me, C.APPLIED, carry.items)

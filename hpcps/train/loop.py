@@ -32,7 +32,8 @@ from hpcps.runtime import signals
 from hpcps.train.stragglers import Straggler
 from hpcps.train.sync import StepSync, Work
 
-RECORD_EXTRAS = ("staleness_mean", "staleness_max", "staleness_counts", "split")
+RECORD_EXTRAS = ("staleness_mean", "staleness_max", "staleness_counts", "split",
+                 "round_loss", "outer_norm", "round_steps")
 
 
 class Trainer:
@@ -82,7 +83,7 @@ class Trainer:
     def evaluate(self) -> dict:
         # a fixed set of eval_steps global batches: the same sequences whatever W is
         n = self.cfg.train.eval_steps * self.global_batch
-        sums = self.workload.eval_sums(self.params, 0, n)
+        sums = self.workload.eval_sums(self.sync.params_to_evaluate(self.params), 0, n)
         return self.workload.finalize_eval(sums)
 
     # -- the loop ----------------------------------------------------------------------
@@ -125,6 +126,7 @@ class Trainer:
                 continue
             boundary, stop = self.sync.boundary
             end = boundary >= self.cfg.train.max_steps
+            self.sync.before_meet(boundary)   # e.g. an open local-steps round: its batches count
             if self.log is not None:   # the boundary's record covers its last batches
                 self._sample_records({"applied_totals": self.sync.applied_through(boundary)},
                                      through=boundary)
@@ -137,10 +139,19 @@ class Trainer:
     def _meet(self, step: int, stop: bool, end: bool) -> tuple[bool, bool]:
         """Sync point at ``step`` (checkpoint there); returns the agreed (stop, end):
         every rank follows the lead worker's reason."""
+        closing = self.sync.before_meet(step)
+        if closing and self.pending is not None:   # what closing moved: the last step's record
+            self._add_to_record(self.pending, closing)
         reason = {"step": step, "stop": bool(stop), "end": bool(end), "checkpoint": True,
                   "signal": signals.signal_name()}
         agreed = self.sync.meet(step, reason, self.worker_state(step))
         return bool(agreed["stop"]), bool(agreed["end"])
+
+    def _add_to_record(self, record: dict, stats: dict) -> None:
+        """Fold ``stats`` (extras and bytes moved since the record was made) into it."""
+        record.update({k: stats[k] for k in RECORD_EXTRAS if k in stats})
+        for key, value in self.sync.traffic().items():
+            record[key] = record.get(key, 0.0) + value if isinstance(value, float) else value
 
     def next_sync_point(self, step: int) -> int:
         """The first boundary after ``step`` where all workers meet: a checkpoint or the end."""

@@ -42,7 +42,7 @@ class PSSync:
 
     def __init__(self, *, cfg, shards: ShardSet, params: np.ndarray, checkpointer=None,
                  worker_state: Optional[dict] = None, node: Optional[NodeGroup] = None,
-                 start_step: int = 0):
+                 start_step: int = 0, clip_pushes: bool = True):
         roles = shards.roles
         self.cfg, self.checkpointer, self.node = cfg, checkpointer, node
         self.mode = roles.mode
@@ -50,6 +50,8 @@ class PSSync:
         self.coordination = WorkerCoordination(cfg, shards)
         self.W, self.w, self.b = roles.n_workers, roles.worker_index, cfg.train.batch_size
         self.start_step = start_step
+        # asp/ssp clip each gradient pushed; a local-steps delta is no gradient to clip
+        self.push_clip = cfg.train.grad_clip if clip_pushes else 0.0
         self.pushes = 0                 # this worker's pushes in this job: its ssp clock
         # bsp speed balance: the coordinator publishes each step's split
         self.balance = cfg.ps.balance == "speed"
@@ -125,6 +127,12 @@ class PSSync:
             self.position = step
         return agreed
 
+    def before_meet(self, step: int) -> dict:
+        return {}   # every push of this strategy is complete when push returns
+
+    def params_to_evaluate(self, params):
+        return params
+
     def pull(self, step: int) -> None:
         if self.client is not None:
             self.client.wait(self.client.pull(step))
@@ -161,17 +169,27 @@ class PSSync:
                 stats.update(self.coordination.step_stats(step))
                 if self.balance:   # published with the stats: the next step's split, which
                     stats["split"] = self.coordination.split()   # a resumed run restores
-            stats.update(self.coordination.staleness())
-            stats["items_applied"] = self.coordination.items_applied()
-            if self.samples_budget:
-                stats["applied_totals"] = self.coordination.applied_totals()
+            stats.update(self.job_progress())
         return stats
+
+    def job_progress(self) -> dict:
+        """Lead: what the servers applied job-wide since the last call (staleness counts,
+        items) and, with a sample budget, the running totals the records follow."""
+        stats = self.coordination.staleness()
+        stats["items_applied"] = self.coordination.items_applied()
+        if self.samples_budget:
+            stats["applied_totals"] = self.coordination.applied_totals()
+        return stats
+
+    def pulled_version(self) -> int:
+        """The oldest shard version the last pull read (bsp: the steps or rounds applied)."""
+        return min(self.client.pulled_version)
 
     def _to_servers(self, step: int, grads, weight: float, loss: float, items: int,
                     compute_s: float) -> dict:
         norm, scale = None, 1.0
         if self.mode != "bsp":  # no global aggregate to clip: clip this pusher's gradient
-            norm, scale = clip_coefficient(float(grads @ grads), self.cfg.train.grad_clip)
+            norm, scale = clip_coefficient(float(grads @ grads), self.push_clip)
         self.client.wait(self.client.push(step, weight=weight, loss=loss, scale=scale,
                                           items=items, compute_s=compute_s))
         return {"loss": loss, "grad_norm": norm}

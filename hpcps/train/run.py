@@ -29,6 +29,7 @@ from hpcps.metrics.runlog import RunLog
 from hpcps.metrics.tensorboard import require_tensorboard
 from hpcps.model.blas import rank_core_share, set_blas_threads
 from hpcps.optim import make_optimizer
+from hpcps.optim.outer import make_outer_optimizer
 from hpcps.optim.schedule import lr_schedule
 from hpcps.ps.options import check_options
 from hpcps.ps.roles import PS_MODES, Roles, build_roles
@@ -37,6 +38,7 @@ from hpcps.ps.shards import ShardSet
 from hpcps.ps.update_rules import rule_memory_bytes
 from hpcps.runtime import signals
 from hpcps.runtime.mpi import abort, agree_on_errors, cuda_aware_mpi, library_info, mpi
+from hpcps.train.local_sync import LocalStepsSync
 from hpcps.train.loop import Trainer
 from hpcps.train.peak import job_peak_flops
 from hpcps.train.ps_sync import PSSync
@@ -192,20 +194,27 @@ def run_server(ctx: RunContext, shards: ShardSet) -> int:
     cfg, layout = ctx.cfg, ctx.workload.layout
     job_peak_flops(cfg, ctx.roles, ctx.backend)  # collective: the workers measure meanwhile
     lo, hi = shards.own_range
-    optimizer = make_optimizer(cfg, hi - lo, layout.decay_ranges(lo, hi))
+    local = cfg.ps.local_steps > 0
+    if local:   # the servers step the global params with the workers' deltas
+        optimizer = make_outer_optimizer(cfg, hi - lo, ctx.roles.mode, ctx.roles.n_pushers)
+    else:
+        optimizer = make_optimizer(cfg, hi - lo, layout.decay_ranges(lo, hi))
     if ctx.resume is not None:
         state = ctx.resume.load_shard(lo, hi)
         optimizer.load_state(state)
         params, version = state["params"], int(state["version"])
-        if ctx.roles.mode == "bsp":  # bsp counts one update per step (asp counts pushes)
-            version = ctx.resume.step
+        if ctx.roles.mode == "bsp" and not local:  # one update per step (asp counts pushes,
+            version = ctx.resume.step              # local steps count rounds)
     else:
         params, version = layout.init_slice(cfg.train.seed, lo, hi), 0
 
     def save(reason, comm, shard) -> None:
         ctx.checkpointer.save(reason["step"], shard=shard, worker=None, reason=reason, comm=comm)
-    return serve(cfg=cfg, shards=shards, optimizer=optimizer, lr_fn=lr_schedule(cfg),
-                 params=params, version=version, save=save, split=_saved_split(ctx))
+    outer_lr = cfg.ps.outer_lr
+    return serve(cfg=cfg, shards=shards, optimizer=optimizer,
+                 lr_fn=(lambda version: outer_lr) if local else lr_schedule(cfg),
+                 params=params, version=version, save=save, split=_saved_split(ctx),
+                 max_norm=0.0 if local else None)   # deltas are not clipped: inner steps were
 
 
 def run_worker(ctx: RunContext, shards: Optional[ShardSet]) -> int:
@@ -256,7 +265,11 @@ def _strategy(ctx: RunContext, shards: Optional[ShardSet], lr_fn, saved: dict):
             params = node.params if node is not None else np.zeros(layout.total, np.float32)
             grads = layout.new_buffer()
         sync = PSSync(cfg=cfg, shards=shards, params=params, checkpointer=ctx.checkpointer,
-                      worker_state=saved, node=node, start_step=ctx.start_step)
+                      worker_state=saved, node=node, start_step=ctx.start_step,
+                      clip_pushes=not cfg.ps.local_steps)
+        if cfg.ps.local_steps:
+            sync = LocalStepsSync(cfg=cfg, ps=sync, params=params, layout=layout, lr_fn=lr_fn,
+                                  saved=saved)
         if device is not None:
             return device.wrap(sync), device.params, device.grads
         return sync, params, grads

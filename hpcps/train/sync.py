@@ -8,6 +8,8 @@ Three implementations:
   weighted gradient, every rank runs the same optimizer (Horovod-style baseline).
 - ``hpcps.train.ps_sync.PSSync``: push/pull through the parameter-server shards
   (bsp, ssp, asp).
+- ``hpcps.train.local_sync.LocalStepsSync``: local steps on a replica, pseudo-gradient
+  pushes every H steps through a ``PSSync`` (``ps.local_steps``).
 
 (``hpcps.gpu.transport.DeviceSync`` wraps any of them for a model on the GPU.)
 """
@@ -77,6 +79,15 @@ class StepSync(Protocol):
         """Collective sync point at ``step`` (checkpoint when ``reason`` says so); returns
         the reason every rank follows (the lead worker's)."""
 
+    def before_meet(self, step: int) -> dict:
+        """A sync point at ``step`` begins (before any wait for the others or the
+        checkpoint's worker state): complete what must not stay half done there (local
+        steps push their open round); returns what the record of ``step`` adds."""
+
+    def params_to_evaluate(self, params):
+        """The params an evaluation at this boundary reads: the model's ``params``, or
+        with local steps the global params of the current round."""
+
     def pull(self, step: int) -> None:
         """Make the params of ``step`` (after ``step`` updates) the ones the model reads."""
 
@@ -124,6 +135,12 @@ class LocalSync:
 
     def claim(self, limit: int) -> Optional[Work]:
         raise NotImplementedError("only a sample-budget strategy hands out batches")
+
+    def before_meet(self, step: int) -> dict:
+        return {}
+
+    def params_to_evaluate(self, params):
+        return params
 
     def pull(self, step: int) -> None:
         pass  # the params are updated in place by push

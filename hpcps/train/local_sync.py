@@ -1,0 +1,185 @@
+"""Local steps with an outer optimizer on the servers (``ps.local_steps = H``, DiLoCo family).
+
+Each worker owns a replica: the params the model reads, and an inner optimizer (the
+``train.*`` optimizer, schedule and clipping) that steps them after every backward,
+without talking to anyone. A *round* is H inner steps. At its start the worker pulls
+the global params (and keeps them as the round's ``anchor``); at its end it pushes the
+pseudo-gradient ``delta = anchor - replica`` through the ordinary ``PSSync`` (same
+windows, encodings, error feedback), with the round's summed weight, mean loss and
+items. The servers step the global params with the outer optimizer
+(``hpcps.optim.outer``) on it:
+
+- bsp: synchronous rounds. The servers wait for every worker's delta of round r,
+  take the sample-weighted mean and apply one outer step; the server version counts
+  rounds, so a worker's round index is the version it pulled.
+- asp: each delta is applied on arrival (delayed Nesterov), and with
+  ``ps.dynamic_local_steps`` a worker's round is H x (fastest published mean step time /
+  its own) steps long, so slow workers' deltas are about as fresh as fast ones'.
+
+A sync point (checkpoint, stop, end) closes the open round (``before_meet``): its delta
+is pushed before the checkpoint's worker state is taken, so a checkpoint holds the
+global params and outer state on the servers and, per worker, only the inner optimizer
+state; after the meeting every worker pulls and a new round starts. Resumed runs
+therefore reproduce an uninterrupted one exactly (the sync points are the same).
+
+Inner steps move no bytes: ``push_mb``/``pull_mb`` in the records are the bytes of the
+round's pull and push, on the steps where they happen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpcps.optim import make_optimizer
+from hpcps.optim.clip import clip_coefficient
+from hpcps.train.ps_sync import PSSync
+from hpcps.train.sync import GradReady, ignore_grad_ready
+
+INNER = "inner_"   # prefix of the inner optimizer's state in the worker's checkpoint file
+
+
+def dynamic_round_length(H: int, own_step_s: float, published_s: np.ndarray) -> int:
+    """asp, ``ps.dynamic_local_steps``: H scaled by this worker's mean step time against
+    the fastest one published (0 = not yet known), so every worker's round takes about the
+    time of the fastest worker's H steps; H until both are known, at least 1."""
+    known = published_s[published_s > 0]
+    if own_step_s <= 0 or len(known) == 0:
+        return H
+    return max(1, int(round(H * float(known.min()) / own_step_s)))
+
+
+class LocalStepsSync:
+    """A worker with local steps (see the module docstring): a ``StepSync`` over ``ps``."""
+
+    def __init__(self, *, cfg, ps: PSSync, params: np.ndarray, layout, lr_fn,
+                 saved: dict):
+        self.cfg, self.ps, self.params, self.lr_fn = cfg, ps, params, lr_fn
+        self.H = cfg.ps.local_steps
+        self.samples_budget = ps.samples_budget
+        self.is_lead = ps.is_lead
+        self.dynamic = ps.mode == "asp" and cfg.ps.dynamic_local_steps
+        self.inner = make_optimizer(cfg, layout.total, layout.decay_ranges())
+        inner_state = {k[len(INNER):]: v for k, v in saved.items() if k.startswith(INNER)}
+        if inner_state:
+            self.inner.load_state(inner_state)
+        # the global params the round started from; at the round's end the delta is
+        # computed in place (the next round pulls a new anchor anyway)
+        self.anchor = np.empty_like(params)
+        self.round_length = self.H
+        self._open_round()
+        self.round_open = False
+        self.next_round = 0         # bsp: the round whose params the next pull waits for
+        self.step_time_sum = 0.0    # this worker's compute seconds over its inner steps
+        self.steps_timed = 0
+
+    def _open_round(self) -> None:
+        self.weight = self.loss_sum = self.compute_s = 0.0
+        self.items = 0
+        self.steps_in_round = 0
+
+    # -- what passes straight through to the parameter-server strategy -------------------
+    def should_stop(self, step: int) -> bool:
+        return self.ps.should_stop(step)
+
+    def assign(self, step: int):
+        return self.ps.assign(step)
+
+    def claim(self, limit: int):
+        return self.ps.claim(limit)
+
+    @property
+    def boundary(self):
+        return self.ps.boundary
+
+    def applied_through(self, step: int):
+        return self.ps.applied_through(step)
+
+    def meet(self, step: int, reason: dict, worker_state: dict) -> dict:
+        return self.ps.meet(step, reason, worker_state)
+
+    def traffic(self) -> dict:
+        return self.ps.traffic()
+
+    def close(self) -> None:
+        self.ps.close()
+
+    # -- rounds --------------------------------------------------------------------------
+    def pull(self, step: int) -> None:
+        """At a round's start: pull the global params into the replica and keep them as
+        the anchor. Inside a round the replica is the worker's own."""
+        if self.round_open:
+            return
+        # bsp waits for the round it pushed last to be applied (at the start: whatever
+        # the servers hold, e.g. the rounds of the run this one resumes)
+        self.ps.pull(self.next_round)
+        self.anchor[...] = self.params
+        self.round_open = True
+        if self.dynamic:
+            self.round_length = self._dynamic_length()
+
+    def _dynamic_length(self) -> int:
+        mine = self.step_time_sum / self.steps_timed if self.steps_timed else 0.0
+        return dynamic_round_length(self.H, mine, self.ps.coordination.step_times())
+
+    def start_push(self, grads, touched) -> GradReady:
+        return ignore_grad_ready   # the inner step needs the whole gradient
+
+    def params_to_evaluate(self, params):
+        """Evaluation reads the global params: the replica's at a round's start (where
+        every scheduled evaluation of bsp falls when eval_every is a multiple of H), else
+        the anchor, the global params of this round."""
+        return self.anchor if self.round_open and self.steps_in_round else params
+
+    def push(self, step: int, grads, weight: float, loss: float, items: int,
+             compute_s: float = 0.0) -> dict:
+        """One inner step on the replica; at the round's end the delta goes to the servers."""
+        norm, scale = clip_coefficient(float(grads @ grads), self.cfg.train.grad_clip)
+        self.inner.step(self.params, grads, self.lr_fn(step), scale)
+        self.weight += weight
+        self.loss_sum += weight * loss
+        self.items += items
+        self.compute_s += compute_s
+        self.steps_in_round += 1
+        self.step_time_sum += compute_s
+        self.steps_timed += 1
+        stats = {"loss": loss, "grad_norm": norm}
+        if self.steps_in_round >= self.round_length:
+            stats.update(self._push_round(step))
+        elif self.is_lead and self.ps.mode != "bsp":
+            stats.update(self.ps.job_progress())   # what the others' rounds applied meanwhile
+        return stats
+
+    def before_meet(self, step: int) -> dict:
+        """A sync point closes the open round: its delta counts before the meeting."""
+        stats = self._push_round(step - 1) if self.steps_in_round else {}
+        self.round_open = False
+        return stats
+
+    def _push_round(self, step: int) -> dict:
+        """Push delta = anchor - replica for the round ending with ``step``."""
+        delta = np.subtract(self.anchor, self.params, out=self.anchor)
+        mean_loss = self.loss_sum / self.weight if self.weight else 0.0
+        steps = self.steps_in_round
+        if self.dynamic:
+            self.ps.coordination.publish_step_time(self.step_time_sum / self.steps_timed)
+        round_index = self.ps.pulled_version() if self.ps.mode == "bsp" else step
+        self.ps.start_push(delta, None)
+        stats = self.ps.push(round_index, delta, self.weight, mean_loss, self.items,
+                             self.compute_s)
+        self.next_round = round_index + 1
+        self._open_round()
+        self.round_open = False
+        out = {"round_steps": steps}
+        if self.is_lead:
+            out.update({k: v for k, v in stats.items() if k not in ("loss", "grad_norm")})
+            if self.ps.mode == "bsp":   # the round's mean over all workers, the outer norm
+                out["round_loss"], out["outer_norm"] = stats["loss"], stats["grad_norm"]
+                out.pop("items_applied", None)   # a round's items would spike one record
+        return out
+
+    def worker_state(self) -> dict:
+        """The inner optimizer's state (its replica is the global params after the sync
+        point's pull), plus the parameter-server strategy's (error-feedback residual)."""
+        state = {INNER + k: v for k, v in self.inner.state().items()}
+        state.update(self.ps.worker_state())
+        return state
