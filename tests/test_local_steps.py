@@ -162,9 +162,10 @@ def test_default_outer_nesterov_differs_from_one_process(tmp_path, shakespeare_c
 
 
 # -- W workers, parameter averaging: equals a NumPy reference --------------------------------
-def averaging_reference(corpus, workers: int, H: int) -> tuple[list, np.ndarray]:
-    """Per-step losses of worker 0 and the final averaged params: W replicas, each with its
-    own AdamW on its slice of every global batch, averaged every H steps and at the end."""
+def averaging_reference(corpus, workers: int, H: int, batch: int = BATCH) -> tuple[list, np.ndarray]:
+    """Per-step losses of replica 0 and the final averaged params: W replicas, each with its
+    own AdamW on its ``batch`` sequences of every global batch, averaged every H steps and at
+    the end."""
     from hpcps.backend import CPU
     from hpcps.config import load_config
     from hpcps.optim import make_optimizer
@@ -172,7 +173,7 @@ def averaging_reference(corpus, workers: int, H: int) -> tuple[list, np.ndarray]
     from hpcps.optim.schedule import lr_schedule
     from hpcps.workloads import build_workload
     cfg = load_config(SHAKESPEARE_CHAR, [f"data.path={corpus}", *TINY,
-                                         f"train.batch_size={BATCH}"])
+                                         f"train.batch_size={batch}"])
     workload = build_workload(cfg, CPU)
     layout, lr_fn = workload.layout, lr_schedule(cfg)
     global_params = layout.init_slice(cfg.train.seed)
@@ -182,9 +183,9 @@ def averaging_reference(corpus, workers: int, H: int) -> tuple[list, np.ndarray]
     losses = []
     for step in range(STEPS):
         for w in range(workers):
-            lo, hi = w * BATCH, (w + 1) * BATCH
-            batch = workload.train_batch(step, lo, hi)
-            loss, _ = workload.loss_and_grad(replicas[w], grads, batch, step, lo, lambda a, b: None)
+            lo, hi = w * batch, (w + 1) * batch
+            data = workload.train_batch(step, lo, hi)
+            loss, _ = workload.loss_and_grad(replicas[w], grads, data, step, lo, lambda a, b: None)
             _, scale = clip_coefficient(float(grads @ grads), cfg.train.grad_clip)
             opts[w].step(replicas[w], grads, lr_fn(step), scale)
             if w == 0:
@@ -215,6 +216,42 @@ def test_workers_with_parameter_averaging_equal_a_numpy_reference(mpi_impl, tmp_
     n_params = len(params)
     assert pushes[2] == pytest.approx((n_params * 4 + 2 * 64) / 1e6)   # 2 shards' headers
     assert sum(r["pull_mb"] for r in ours) == pytest.approx(4 * n_params * 4 / 1e6)
+
+
+# -- ps.hierarchy = node: a node's workers are one replica ----------------------------------------
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_one_node_replica_with_parameter_averaging_equals_one_process(
+        mpi_impl, tmp_path, shakespeare_corpus, single_run):
+    # both workers on this machine's one node: one replica of the global batch
+    run = tmp_path / "run"
+    check_ok(run_mpi(3, tiny_args(shakespeare_corpus, run, BATCH, "ps.mode=bsp",
+                                  "ps.hierarchy=node", "ps.local_steps=4", *AVERAGING),
+                     mpi_impl, timeout=90))
+    ours = read_metrics(run)
+    assert mismatches(ours, single_run(2 * BATCH)) == []
+    assert ours[3]["push_mb"] > 0 and ours[3]["traffic_scope"] == "node"
+
+
+@pytest.fixture(params=["mpich+nodes3", "openmpi+nodes3"])
+def nodes_impl(request) -> str:
+    require_implementation(request.param)
+    return request.param
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(240)
+def test_node_replicas_with_parameter_averaging_equal_a_numpy_reference(
+        nodes_impl, tmp_path, shakespeare_corpus):
+    # two fake nodes of 2 workers + 1 server: two replicas of 2 x BATCH sequences each
+    H = 3
+    run = tmp_path / "run"
+    check_ok(run_mpi(6, tiny_args(shakespeare_corpus, run, BATCH, "ps.mode=bsp",
+                                  "ps.servers=2", "ps.hierarchy=node", f"ps.local_steps={H}",
+                                  *AVERAGING), nodes_impl, timeout=200))
+    losses, params = averaging_reference(shakespeare_corpus, 2, H, batch=2 * BATCH)
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(run)], losses, rtol=1e-5)
+    np.testing.assert_allclose(final_params(run), params, rtol=1e-4, atol=1e-6)
 
 
 # -- kill -9 and resume -----------------------------------------------------------------------
@@ -260,14 +297,13 @@ def test_asp_local_steps_apply_every_sample_once(tmp_path, shakespeare_corpus):
 @pytest.mark.parametrize("extra,fragments", [
     (["ps.mode=ssp", "ps.local_steps=4"], ("ps.local_steps = 4", "ps.mode = ssp")),
     (["ps.mode=allreduce", "ps.local_steps=4"], ("ps.mode = allreduce",)),
-    (["ps.mode=bsp", "ps.local_steps=4", "ps.hierarchy=node"], ("ps.hierarchy = node",)),
     (["ps.mode=bsp", "ps.local_steps=4", "ps.outer_buffer=2"], ("ps.outer_buffer", "bsp")),
     (["ps.mode=asp", "ps.local_steps=4", "ps.delay_compensation=dc"], ("dc",)),
     (["ps.mode=bsp", "ps.outer_lr=0.5"], ("ps.outer_lr", "ps.local_steps")),
     (["ps.mode=bsp", "ps.local_steps=-1"], ("ps.local_steps",)),
     (["ps.mode=bsp", "ps.local_steps=4", "ps.outer_lr=0"], ("ps.outer_lr",)),
     (["ps.mode=bsp", "ps.local_steps=4", "ps.outer_momentum=1"], ("ps.outer_momentum",)),
-], ids=["ssp", "allreduce", "hierarchy", "buffer-bsp", "dc", "outer-without-local",
+], ids=["ssp", "allreduce", "buffer-bsp", "dc", "outer-without-local",
         "negative-H", "zero-lr", "momentum-1"])
 def test_bad_local_steps_settings_are_one_line(tmp_path, shakespeare_corpus, extra, fragments):
     require_implementation("mpich")

@@ -17,6 +17,9 @@ Experiments (``--experiments``, default all):
   of each, and the overhead (target <= 5 %).
 - ``network``: the same bsp and asp jobs through shared memory and through MPICH's network
   module, interleaved: step-time ratio and the latency of atomics (``hpcps.bench.network``).
+- ``local``: local steps with an outer optimizer against bsp: val at equal tokens, bytes
+  pushed, time to finish over throttled links and with a straggler
+  (``hpcps.bench.local_steps``).
 
 Throughput of a PS run is counted from every worker's pushes (the runs are traced
 with HPCPS_PS_TRACE): the tokens all workers pushed while all of them were still
@@ -37,13 +40,14 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from hpcps.bench import local_steps
 from hpcps.bench.network import format_network, network_experiment
 from hpcps.bench.stragglers import DEFAULT_MODES, check_modes, format_stragglers, straggler_experiment
 from hpcps.config import load_config
 from hpcps.config.paths import resolve_config_path
 from hpcps.errors import UserError
 
-EXPERIMENTS = ("overhead", "scaling", "straggler", "transient", "checkpoint", "network")
+EXPERIMENTS = ("overhead", "scaling", "straggler", "transient", "checkpoint", "network", "local")
 MODES = ("bsp", "ssp", "asp", "allreduce")
 # several ranks per core: one BLAS thread each, or their threads fight over the cores
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -57,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "nanoGPT's CPU shape)")
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS[:5]),
                         help=f"comma list of {', '.join(EXPERIMENTS)} (default all but network, "
-                             "which needs MPICH)")
+                             "which needs MPICH, and local, which takes long)")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="steps not timed at the start")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per run kind")
@@ -86,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument("--keep", default=None, help="keep run directories under this folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    local_steps.add_arguments(parser)
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -114,6 +119,8 @@ def check_args(args) -> dict:
         raise UserError("--warmup and --staleness must be >= 0")
     if args.straggler_factor < 1.0:
         raise UserError(f"--straggler-factor must be >= 1, got {args.straggler_factor:g}")
+    if "local" in experiments:
+        local_steps.check_arguments(args)
     try:
         straggler_modes = check_modes(args.straggler_modes)
     except ValueError as err:
@@ -241,6 +248,9 @@ class Runner:
     def network(self) -> dict:
         return network_experiment(self)
 
+    def local(self) -> dict:
+        return local_steps.local_experiment(self)
+
     # -- experiments -----------------------------------------------------------------------
     def overhead(self) -> dict:
         a = self.args
@@ -334,6 +344,8 @@ def format_summary(result: dict) -> str:
             lines += format_stragglers(kind, result[kind])
     if "network" in result:
         lines += format_network(result["network"])
+    if "local" in result:
+        lines += local_steps.format_local(result["local"])
     if "checkpoint" in result:
         c = result["checkpoint"]
         lines.append(f"checkpoint: every {c['every']} steps, bsp 1 server + 1 worker, {c['steps']} "

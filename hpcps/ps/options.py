@@ -90,9 +90,7 @@ def _check_local_steps(cfg, mode: str) -> None:
     if mode not in ("bsp", "asp"):
         raise UserError(f"ps.local_steps = {H} needs ps.mode = bsp (synchronous rounds) or asp "
                         f"(each delta applied as it arrives), not ps.mode = {mode}")
-    conflicts = [("ps.hierarchy = node", ps.hierarchy == "node",
-                  "node replicas are not built yet: use ps.hierarchy = none"),
-                 (f"ps.balance = {ps.balance}", ps.balance != "none",
+    conflicts = [(f"ps.balance = {ps.balance}", ps.balance != "none",
                   "asp with ps.dynamic_local_steps balances rounds by speed"),
                  (f"ps.backup_workers = {ps.backup_workers}", ps.backup_workers > 0,
                   "a round waits for every worker's delta"),

@@ -49,7 +49,12 @@ def dynamic_round_length(H: int, own_step_s: float, published_s: np.ndarray) -> 
 
 
 class LocalStepsSync:
-    """A worker with local steps (see the module docstring): a ``StepSync`` over ``ps``."""
+    """A worker with local steps (see the module docstring): a ``StepSync`` over ``ps``.
+
+    With ``ps.hierarchy = node`` the node's workers form one replica: each inner step they
+    hand their gradients to the node's shared-memory window, the node's leader takes their
+    weighted mean, steps the node's one inner optimizer on the shared params and publishes
+    them; only the leader pulls, keeps the anchor and pushes the node's delta."""
 
     def __init__(self, *, cfg, ps: PSSync, params: np.ndarray, layout, lr_fn,
                  saved: dict):
@@ -57,19 +62,26 @@ class LocalStepsSync:
         self.H = cfg.ps.local_steps
         self.samples_budget = ps.samples_budget
         self.is_lead = ps.is_lead
+        self.node = ps.node
+        self.duties = ps.coordination.duties
+        # who owns the replica's optimizer and talks to the servers: every worker, or the
+        # node's leader (its node's params are the shared ones every local worker reads)
+        self.owns_replica = self.node is None or self.node.is_leader
         self.dynamic = ps.mode == "asp" and cfg.ps.dynamic_local_steps
-        self.inner = make_optimizer(cfg, layout.total, layout.decay_ranges())
-        inner_state = {k[len(INNER):]: v for k, v in saved.items() if k.startswith(INNER)}
-        if inner_state:
-            self.inner.load_state(inner_state)
-        # the global params the round started from; at the round's end the delta is
-        # computed in place (the next round pulls a new anchor anyway)
-        self.anchor = np.empty_like(params)
+        self.inner = self.anchor = None
+        if self.owns_replica:
+            self.inner = make_optimizer(cfg, layout.total, layout.decay_ranges())
+            inner_state = {k[len(INNER):]: v for k, v in saved.items() if k.startswith(INNER)}
+            if inner_state:
+                self.inner.load_state(inner_state)
+            # the global params the round started from; at the round's end the delta is
+            # computed in place (the next round pulls a new anchor anyway)
+            self.anchor = np.empty_like(params)
         self.round_length = self.H
         self._open_round()
         self.round_open = False
         self.next_round = 0         # bsp: the round whose params the next pull waits for
-        self.step_time_sum = 0.0    # this worker's compute seconds over its inner steps
+        self.step_time_sum = 0.0    # this replica's compute seconds over its inner steps
         self.steps_timed = 0
 
     def _open_round(self) -> None:
@@ -106,16 +118,21 @@ class LocalStepsSync:
     # -- rounds --------------------------------------------------------------------------
     def pull(self, step: int) -> None:
         """At a round's start: pull the global params into the replica and keep them as
-        the anchor. Inside a round the replica is the worker's own."""
-        if self.round_open:
-            return
-        # bsp waits for the round it pushed last to be applied (at the start: whatever
-        # the servers hold, e.g. the rounds of the run this one resumes)
-        self.ps.pull(self.next_round)
-        self.anchor[...] = self.params
-        self.round_open = True
-        if self.dynamic:
-            self.round_length = self._dynamic_length()
+        the anchor. Inside a round the replica is the worker's own. A node's leader
+        publishes the node's params for ``step`` either way; the others wait for them."""
+        if self.owns_replica and not self.round_open:
+            # bsp waits for the round it pushed last to be applied (at the start: whatever
+            # the servers hold, e.g. the rounds of the run this one resumes)
+            self.ps.pull_from_servers(self.next_round)
+            self.anchor[...] = self.params
+            self.round_open = True
+            if self.dynamic:
+                self.round_length = self._dynamic_length()
+        if self.node is not None:
+            if self.node.is_leader:
+                self.node.params_published(step)
+            else:
+                self.node.wait_for_params(step, self.duties)
 
     def _dynamic_length(self) -> int:
         mine = self.step_time_sum / self.steps_timed if self.steps_timed else 0.0
@@ -128,11 +145,19 @@ class LocalStepsSync:
         """Evaluation reads the global params: the replica's at a round's start (where
         every scheduled evaluation of bsp falls when eval_every is a multiple of H), else
         the anchor, the global params of this round."""
-        return self.anchor if self.round_open and self.steps_in_round else params
+        if self.owns_replica and self.round_open and self.steps_in_round:
+            return self.anchor
+        return params
 
     def push(self, step: int, grads, weight: float, loss: float, items: int,
              compute_s: float = 0.0) -> dict:
         """One inner step on the replica; at the round's end the delta goes to the servers."""
+        if self.node is not None:
+            self.node.hand_in(step, grads, weight, loss, items)
+            if not self.node.is_leader:   # the leader steps the node's replica
+                self.node.wait_until_pushed(step, self.duties)
+                return {"loss": loss, "grad_norm": None}
+            grads, weight, loss, items = self.node.node_gradient(step, self.duties)
         norm, scale = clip_coefficient(float(grads @ grads), self.cfg.train.grad_clip)
         self.inner.step(self.params, grads, self.lr_fn(step), scale)
         self.weight += weight
@@ -147,11 +172,13 @@ class LocalStepsSync:
             stats.update(self._push_round(step))
         elif self.is_lead and self.ps.mode != "bsp":
             stats.update(self.ps.job_progress())   # what the others' rounds applied meanwhile
+        if self.node is not None:
+            self.node.pushed(step)   # the node's params are stepped: its workers go on
         return stats
 
     def before_meet(self, step: int) -> dict:
         """A sync point closes the open round: its delta counts before the meeting."""
-        stats = self._push_round(step - 1) if self.steps_in_round else {}
+        stats = self._push_round(step - 1) if self.owns_replica and self.steps_in_round else {}
         self.round_open = False
         return stats
 
@@ -163,9 +190,8 @@ class LocalStepsSync:
         if self.dynamic:
             self.ps.coordination.publish_step_time(self.step_time_sum / self.steps_timed)
         round_index = self.ps.pulled_version() if self.ps.mode == "bsp" else step
-        self.ps.start_push(delta, None)
-        stats = self.ps.push(round_index, delta, self.weight, mean_loss, self.items,
-                             self.compute_s)
+        stats = self.ps.push_prepared(round_index, delta, self.weight, mean_loss, self.items,
+                                      self.compute_s)
         self.next_round = round_index + 1
         self._open_round()
         self.round_open = False
@@ -180,6 +206,8 @@ class LocalStepsSync:
     def worker_state(self) -> dict:
         """The inner optimizer's state (its replica is the global params after the sync
         point's pull), plus the parameter-server strategy's (error-feedback residual)."""
-        state = {INNER + k: v for k, v in self.inner.state().items()}
+        state = {}
+        if self.inner is not None:
+            state = {INNER + k: v for k, v in self.inner.state().items()}
         state.update(self.ps.worker_state())
         return state

@@ -135,12 +135,17 @@ class PSSync:
 
     def pull(self, step: int) -> None:
         if self.client is not None:
-            self.client.wait(self.client.pull(step))
+            self.pull_from_servers(step)
         if self.node is not None:   # the leader publishes what it pulled; the others wait
             if self.node.is_leader:
                 self.node.params_published(step)
             else:
                 self.node.wait_for_params(step, self.coordination.duties)
+
+    def pull_from_servers(self, version: int) -> None:
+        """Talking worker: pull every shard into the params buffer (bsp: once the shard
+        holds ``version``), without the node's publishing."""
+        self.client.wait(self.client.pull(version))
 
     def start_push(self, grads, touched) -> GradReady:
         if self.node is not None:
@@ -163,6 +168,18 @@ class PSSync:
             else:
                 self.node.wait_until_pushed(step, self.coordination.duties)
                 stats = {"loss": loss, "grad_norm": None}
+        return self._pushed(step, stats)
+
+    def push_prepared(self, step: int, buf, weight: float, loss: float, items: int,
+                      compute_s: float = 0.0) -> dict:
+        """Talking worker: push ``buf`` (e.g. a local-steps delta, already reduced over the
+        node) straight to the servers as the push of ``step``; returns its statistics."""
+        self.pushes += 1
+        self.client.start_push(buf, None)
+        return self._pushed(step, self._to_servers(step, buf, weight, loss, items, compute_s))
+
+    def _pushed(self, step: int, stats: dict) -> dict:
+        """After a push: publish the clock; the lead adds what the servers published."""
         self.coordination.pushed(step, self.pushes if self.samples_budget else None)
         if self.is_lead:
             if self.mode == "bsp":  # the aggregate's loss and norm, published by the coordinator
