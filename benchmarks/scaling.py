@@ -24,7 +24,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hpcps.bench.cost_model import Layout, Machine, fit, measure_update, predict_step_s
+from hpcps.bench.cost_model import (
+    Layout,
+    Machine,
+    fit,
+    measure_update,
+    predict_local_step_s,
+    predict_step_s,
+)
 
 # (workers, servers, elements, compute ms, path): 3..34 ranks on 2 cores
 GRID = [(w, s, p, c, path)
@@ -55,9 +62,12 @@ def measure(point, steps: int, warmup: int, root: Path) -> float:
 # CPU server per node, GPT-2 124M, 100 Gb/s links. Link costs are assumed, not fitted: RDMA
 # round trip 5 us, 1 us of a server's time per worker's atomics, no core sharing; a worker's
 # forward + backward of 12 x 1024 tokens: 6 x 124e6 x 12288 FLOP at 40 % of 312 TFLOP/s ~ 73 ms.
+# Local steps add the worker's own AdamW update every inner step: ~28 bytes of HBM traffic per
+# element (params, grad, m, v read; params, m, v written) at an assumed 2 TB/s ~ 1.7 ms.
 CLUSTER = {"nodes": 64, "gpus_per_node": 4, "elements": 124_439_808, "compute_s": 0.073,
            "link_bytes_per_s": 100e9 / 8, "atomic_s": 5e-6, "serve_s": 1e-6,
-           "node_reduce_bytes_per_s": 20e9}
+           "node_reduce_bytes_per_s": 20e9, "inner_update_s": 124_439_808 * 28 / 2e12}
+PUSH_BYTES = {"fp32": 4.0, "bf16": 2.0, "int4": 0.5625}   # per element pushed (pulls: fp32)
 
 
 def cluster_table(fitted: Machine) -> None:
@@ -70,23 +80,38 @@ def cluster_table(fitted: Machine) -> None:
     workers = c["nodes"] * c["gpus_per_node"]
     print(f"cluster: {c['nodes']} nodes x {c['gpus_per_node']} GPUs, P = {c['elements']:,}, "
           f"compute {1e3 * c['compute_s']:.0f} ms, {8 * c['link_bytes_per_s'] / 1e9:.0f} Gb/s")
+
+    def model(servers: int, hierarchy: bool, push: str) -> tuple[Layout, Machine, float]:
+        per_byte = (1.0 + PUSH_BYTES[push] / 4.0) / 2.0 / c["link_bytes_per_s"]
+        m = Machine(overhead=fitted.overhead, update=fitted.update,
+                    decode=fitted.decode, node_byte=1.0 / c["node_reduce_bytes_per_s"],
+                    per_byte={"ib": per_byte}, atomic={"ib": c["atomic_s"]},
+                    wait={"ib": 0.0}, serve={"ib": c["serve_s"]})
+        layout = Layout(workers=workers, servers=servers, nodes=c["nodes"],
+                        elements=c["elements"], compute_s=c["compute_s"], path="ib",
+                        cores=64, hierarchy=hierarchy)
+        return layout, m, per_byte
     for servers in (c["nodes"] // 2, c["nodes"]):
         for hierarchy in (False, True):
-            for push_bytes in (4, 2):
-                per_byte = (1.0 + push_bytes / 4.0) / 2.0 / c["link_bytes_per_s"]
-                m = Machine(overhead=fitted.overhead, update=fitted.update,
-                            decode=fitted.decode, node_byte=1.0 / c["node_reduce_bytes_per_s"],
-                            per_byte={"ib": per_byte}, atomic={"ib": c["atomic_s"]},
-                            wait={"ib": 0.0}, serve={"ib": c["serve_s"]})
-                layout = Layout(workers=workers, servers=servers, nodes=c["nodes"],
-                                elements=c["elements"], compute_s=c["compute_s"], path="ib",
-                                cores=64, hierarchy=hierarchy)
+            for push in ("fp32", "bf16"):
+                layout, m, per_byte = model(servers, hierarchy, push)
                 total = predict_step_s(layout, m)
                 link = 2.0 * layout.pushers * (c["elements"] / servers) * 4.0 * per_byte
                 print(f"  servers={servers:3d} hierarchy={'node' if hierarchy else 'none':4s} "
-                      f"push={'bf16' if push_bytes == 2 else 'fp32'}: step {1e3 * total:5.0f} ms, "
+                      f"push={push}: step {1e3 * total:5.0f} ms, "
                       f"busiest link {1e3 * link:4.0f} ms, compute share "
                       f"{100 * c['compute_s'] / total:3.0f} %")
+    print(f"local steps (ps.local_steps = H; + {1e3 * c['inner_update_s']:.1f} ms of inner AdamW "
+          "per step), servers = nodes:")
+    for hierarchy in (False, True):
+        for push in ("fp32", "int4"):
+            layout, m, _ = model(c["nodes"], hierarchy, push)
+            cells = []
+            for h in (20, 50, 100, 500):
+                t = predict_local_step_s(layout, m, h, c["inner_update_s"])
+                cells.append(f"H={h}: {1e3 * t:5.1f} ms ({100 * c['compute_s'] / t:3.0f} %)")
+            print(f"  hierarchy={'node' if hierarchy else 'none':4s} push={push}: "
+                  + " | ".join(cells))
 
 
 def main() -> int:

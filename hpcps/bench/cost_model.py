@@ -11,6 +11,11 @@ share cores wait for one another), one step costs
         + W * r * serve                                      (a shard serving every worker's atomics)
         [+ (W / nodes) * P * 4 * node_byte]                  (hierarchy: the node's shared reduce)
 
+With local steps (``ps.local_steps = H``) a worker synchronizes once per H inner steps,
+and each inner step adds its own optimizer update on the replica:
+
+    T_local = compute + inner_update + (T - compute) / H
+
 ``per_byte``, ``atomic``, ``wait`` and ``serve`` depend on the path (shared memory, a
 network module, a cluster's links); ``update`` and ``decode`` on the server's CPU. The
 parameters are fitted to step times measured on one machine (``benchmarks/scaling.py``)
@@ -89,6 +94,15 @@ def predict_step_s(layout: Layout, m: Machine) -> float:
     if layout.hierarchy:
         t += (layout.workers / layout.nodes) * layout.elements * 4.0 * m.node_byte
     return t
+
+
+def predict_local_step_s(layout: Layout, m: Machine, local_steps: int,
+                         inner_update_s: float) -> float:
+    """Mean time per inner step with local steps: the bsp step's synchronization (pushes,
+    pulls, the servers' update) paid once per ``local_steps``, plus the worker's own
+    optimizer update of the replica (``inner_update_s``) every step."""
+    sync = predict_step_s(layout, m) - layout.compute_s
+    return layout.compute_s + inner_update_s + sync / local_steps
 
 
 def fit(layouts: list[Layout], measured: list[float], update: float | None = None) -> Machine:
