@@ -38,7 +38,7 @@ from hpcps.ps.shards import ShardSet
 from hpcps.ps.update_rules import rule_memory_bytes
 from hpcps.runtime import signals
 from hpcps.runtime.mpi import abort, agree_on_errors, cuda_aware_mpi, library_info, mpi
-from hpcps.train.local_sync import LocalStepsSync
+from hpcps.train.local_sync import LocalStepsSync, replica_memory_bytes
 from hpcps.train.loop import Trainer
 from hpcps.train.peak import job_peak_flops
 from hpcps.train.ps_sync import PSSync
@@ -183,6 +183,8 @@ def _memory_table(ctx: RunContext, shards: ShardSet) -> None:
         held += rule_memory_bytes(ctx.cfg, hi - lo, roles.n_workers)
         if roles.mode == "bsp" and ctx.cfg.ps.backup_workers:
             held += 4 * (hi - lo)
+    elif ctx.cfg.ps.local_steps:   # the replica's inner optimizer state and the round's anchor
+        held += replica_memory_bytes(ctx.cfg, ctx.workload.layout.total)
     table = roles.comm.gather((roles.world_rank, "server" if roles.is_server else "worker",
                                held), root=0)
     if roles.world_rank == 0 and not ctx.quiet:
