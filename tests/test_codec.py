@@ -1,6 +1,7 @@
 """Push encodings (hpcps/ps/codec.py): exact fp32 round trips with sparse rows cut at
 odd shard boundaries, fp16/bf16 error bounds and rounding, top-k selection, error
-feedback bookkeeping, and byte counts of sparse-row pushes."""
+feedback bookkeeping, byte counts of sparse-row pushes, and int4 blocks (hand-computed
+payload, half-a-step bound, zero and non-finite blocks, sizes, error feedback)."""
 
 import math
 
@@ -209,3 +210,178 @@ def test_without_error_feedback_topk_drifts():
         sent += decoded
         true += g
     assert np.abs(true - sent).max() > 50
+
+
+# -- int4 ------------------------------------------------------------------------------------
+def int4_codec(n: int) -> ShardCodec:
+    layout = ParamLayout()
+    layout.add("w", (n,))
+    return ShardCodec(layout, 0, n, "int4")
+
+
+def int4_round_trip(x: np.ndarray, weight: float = 1.0) -> tuple[np.ndarray, np.ndarray, int]:
+    """(decoded values, payload bytes, payload size) of one int4 push of ``x``."""
+    codec = int4_codec(x.size)
+    out = np.zeros(codec.max_payload_bytes, dtype=np.uint8)
+    nbytes = codec.encode(x, out)
+    acc = np.zeros(x.size, dtype=np.float32)
+    codec.decode_add(out[:nbytes], acc, weight)
+    return acc, out, nbytes
+
+
+def test_int4_exact_payload_and_values():
+    # block 0 (64 elements): absmax 7 -> scale 1; block 1 (3 elements): absmax 14 -> scale 2
+    x = np.zeros(67, dtype=np.float32)
+    x[:5] = [3.5, -7.0, 1.0, 0.25, -2.0]   # codes 4 (a tie: to even), -7, 1, 0, -2
+    x[64:] = [14.0, -3.0, 5.0]             # codes 7, -2 (a tie: to even), 2 (a tie: to even)
+    decoded, out, nbytes = int4_round_trip(x)
+    assert nbytes == 4 * 2 + 34
+    np.testing.assert_array_equal(out[:8].view(np.float32), [1.0, 2.0])
+    codes = np.zeros(34, dtype=np.uint8)
+    codes[:3] = [0x94, 0x01, 0x0E]   # (4 | -7 << 4), (1 | 0 << 4), (-2 | 0 << 4)
+    codes[32:] = [0xE7, 0x02]        # (7 | -2 << 4), (2 | padding 0 << 4)
+    np.testing.assert_array_equal(out[8:nbytes], codes)
+    expected = np.zeros(67, dtype=np.float32)
+    expected[:5] = [4.0, -7.0, 1.0, 0.0, -2.0]
+    expected[64:] = [14.0, -4.0, 4.0]
+    np.testing.assert_array_equal(decoded, expected)
+    # decode_add adds weight x decoded into what the accumulator holds
+    codec = int4_codec(67)
+    acc = np.full(67, 1.0, dtype=np.float32)
+    codec.decode_add(out[:nbytes], acc, 0.5)
+    np.testing.assert_array_equal(acc, 1.0 + 0.5 * expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 127, 1000, 65536, 65537, 3 * 65536 + 33])
+def test_int4_payload_size(n):
+    codec = int4_codec(n)
+    expected = 4 * math.ceil(n / 64) + math.ceil(n / 2)
+    assert codec.max_payload_bytes == expected
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    out = np.zeros(expected + 16, dtype=np.uint8)   # the slack must stay untouched
+    assert codec.encode(x, out) == expected
+    assert not out[expected:].any()
+
+
+def test_int4_payload_ratio_vs_fp32():
+    n = 1 << 20
+    assert int4_codec(n).max_payload_bytes == n // 16 + n // 2
+    assert 7.1 < 4 * n / int4_codec(n).max_payload_bytes < 7.12
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 700), seed=st.integers(0, 2**32 - 1))
+def test_int4_round_trip_error_at_most_half_a_step(n, seed):
+    rng = np.random.default_rng(seed)
+    # magnitudes that differ a lot from block to block
+    x = (rng.standard_normal(n) * np.exp(rng.uniform(-8, 8, n // 64 + 1)).repeat(64)[:n])
+    x = x.astype(np.float32)
+    decoded, out, _ = int4_round_trip(x)
+    blocks = math.ceil(n / 64)
+    scale = out[:4 * blocks].view(np.float32)
+    padded = np.zeros(blocks * 64, dtype=np.float32)
+    padded[:n] = np.abs(x)
+    np.testing.assert_array_equal(scale, padded.reshape(-1, 64).max(axis=1) / np.float32(7))
+    step = scale.repeat(64)[:n]
+    err = np.abs(decoded.astype(np.float64) - x)
+    assert (err <= step / 2 * (1 + 1e-6)).all()
+    codes = decoded / np.where(step > 0, step, 1)
+    np.testing.assert_allclose(codes, np.rint(codes), atol=1e-5)   # whole steps ...
+    assert np.abs(codes).max() <= 7 + 1e-5                          # ... within -7..7
+
+
+def test_int4_is_a_coarse_code():
+    # negative control for the bound above: a 4-bit code really loses up to half a step
+    x = np.random.default_rng(0).standard_normal(64 * 100).astype(np.float32)
+    decoded, out, _ = int4_round_trip(x)
+    step = out[:400].view(np.float32).repeat(64)
+    assert (np.abs(decoded - x) / step).max() > 0.45
+
+
+def test_int4_zero_blocks_decode_to_zero_without_nan():
+    x = np.zeros(64 * 3 + 5, dtype=np.float32)
+    x[64:128] = np.linspace(-1, 1, 64)   # only block 1 is nonzero
+    with np.errstate(all="raise"):       # no 0/0 anywhere
+        decoded, out, _ = int4_round_trip(x)
+    np.testing.assert_array_equal(out[:16].view(np.float32), [0.0, 1 / np.float32(7), 0.0, 0.0])
+    assert np.isfinite(decoded).all()
+    assert not decoded[:64].any() and not decoded[128:].any()
+    assert np.abs(decoded[64:128] - x[64:128]).max() <= 0.5 / 7 + 1e-7
+
+
+def test_int4_non_finite_value_poisons_its_block_only():
+    x = np.ones(128, dtype=np.float32)
+    x[70] = np.inf
+    decoded, _, _ = int4_round_trip(x)
+    assert np.isfinite(decoded[:64]).all()
+    assert not np.isfinite(decoded[64:]).any()   # the server's checks see the block
+
+
+def test_int4_ignores_row_lists():
+    # a fixed block grid over the whole shard: sparse rows travel densely, touched or not
+    layout = model_layout()
+    touched = {"emb": np.array([2, 7]), "emb2": np.array([1])}
+    grad = sparse_gradient(layout, np.random.default_rng(5), touched)
+    for lo, hi in shard_ranges(layout.total, 2):
+        codec = ShardCodec(layout, lo, hi, "int4")
+        assert not codec.has_sparse
+        a = np.zeros(codec.max_payload_bytes, dtype=np.uint8)
+        b = np.zeros_like(a)
+        assert codec.encode(grad[lo:hi], a, touched) == codec.encode(grad[lo:hi], b, None)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_int4_large_shard_keeps_temporaries_small():
+    import tracemalloc
+    n = 4_000_003   # 16 MB of fp32, several passes and a short last one
+    x = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    codec = int4_codec(n)
+    out = np.zeros(codec.max_payload_bytes, dtype=np.uint8)
+    acc = np.zeros(n, dtype=np.float32)
+    tracemalloc.start()
+    try:
+        codec.encode(x, out)
+        codec.decode_add(out, acc, 1.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak          # a few passes' worth, not a shard's worth
+    scale = out[:4 * codec.int4.blocks].view(np.float32).repeat(64)[:n]
+    assert (np.abs(acc - x) <= scale / 2 * (1 + 1e-6)).all()
+
+
+def int4_biased_pushes(feedback: bool, steps: int = 300):
+    """Σ true and Σ decoded over ``steps`` pushes whose small values sit below half a step:
+    each block holds one spike of 7 (scale ~1) and values around 0.3."""
+    n = 64 * 8
+    codec = int4_codec(n)
+    fb = ErrorFeedback(codec) if feedback else None
+    rng = np.random.default_rng(11)
+    sent = np.zeros(n)
+    true = np.zeros(n)
+    out = np.zeros(codec.max_payload_bytes, dtype=np.uint8)
+    last_step = None
+    for _ in range(steps):
+        g = (0.3 + 0.05 * rng.standard_normal(n)).astype(np.float32)
+        g[::64] = 7.0
+        nbytes = fb.encode(g, out) if fb else codec.encode(g, out)
+        decoded = np.zeros(n, dtype=np.float32)
+        codec.decode_add(out[:nbytes], decoded)
+        sent += decoded
+        true += g
+        last_step = out[:4 * 8].view(np.float32).repeat(64)
+    return true, sent, last_step, fb
+
+
+def test_int4_error_feedback_sums_within_one_step():
+    true, sent, last_step, fb = int4_biased_pushes(feedback=True)
+    # what never arrived is the residual: at most half of the last push's step (+ fp32 sums)
+    np.testing.assert_allclose(true - sent, fb.residual, atol=1e-3)
+    assert (np.abs(true - sent) <= last_step / 2 + 1e-3).all()
+    assert true.min() > 80   # the sums did grow
+
+
+def test_int4_without_error_feedback_drifts():
+    # negative control: the 0.3s round to 0 at every push and are lost for good
+    true, sent, last_step, _ = int4_biased_pushes(feedback=False)
+    assert np.abs(true - sent).max() > 80 * last_step.max()

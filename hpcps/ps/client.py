@@ -12,6 +12,8 @@ ranges become final (last layers first). A plain fp32 shard gets its bytes
 ``Put`` right away, bucket by bucket; an encoded shard is encoded and sent as
 soon as its whole range is final. Only the header, the flush and the flag wait
 for backward's end.
+
+``ps.link_gbps`` (experiments) makes each worker's link slow: see ``EmulatedLink``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,36 @@ from hpcps.ps.shards import ShardSet
 from hpcps.ps.windows import G_PARAMS, SLOT_HEADER, Header
 from hpcps.runtime.mpi import mpi
 from hpcps.runtime.wait import Backoff, WaitHistory, wait_until
+
+
+class EmulatedLink:
+    """One direction of a worker's link to the servers, slowed to ``ps.link_gbps`` so that
+    time to finish over slow links can be measured on one machine.
+
+    Transfers queue on the link one after another: one of b bytes started at time t is
+    delivered at max(t, the previous delivery) + 8 b / (link_gbps x 1e9). The real
+    transfer (shared memory, a fast network) completes first; ``wait_delivered`` then
+    waits out the rest. A pull or push therefore takes at least its bytes' link time from
+    its first byte, and transfers that overlap compute (pushes during backward) overlap
+    it here too. The wait runs the duties (heartbeats, stop answers): a 124M model's pull
+    at 0.1 Gb/s takes 40 s, far longer than peers may go without hearing from us."""
+
+    def __init__(self, gbps: float):
+        self.seconds_per_byte = 8.0 / (gbps * 1e9) if gbps > 0 else 0.0
+        self.delivered_at = 0.0    # time.monotonic() when all bytes sent so far arrived
+
+    def send(self, nbytes: int) -> None:
+        if self.seconds_per_byte:
+            start = max(time.monotonic(), self.delivered_at)
+            self.delivered_at = start + nbytes * self.seconds_per_byte
+
+    def wait_delivered(self, duties: Callable[[], None]) -> None:
+        left = self.delivered_at - time.monotonic()
+        if left <= 0:
+            return
+        backoff = Backoff()
+        backoff.reset(left)    # naps of at most NAP_SLICE with the duties between them
+        wait_until(lambda: time.monotonic() >= self.delivered_at, duties, backoff)
 
 
 @dataclass
@@ -70,6 +102,8 @@ class PSClient:
         self.pulled_version = [0] * self.S
         self.bytes_pushed = 0
         self.bytes_pulled = 0
+        self.uplink = EmulatedLink(cfg.ps.link_gbps)     # pushes
+        self.downlink = EmulatedLink(cfg.ps.link_gbps)   # pulls
         self._ready = [0] * self.S
         self._sent = [False] * self.S
         self._nbytes = [0] * self.S
@@ -172,6 +206,7 @@ class PSClient:
                                                      (G_PARAMS, hi - lo, MPI.FLOAT)))
         handle.locked.append(rank)
         self.bytes_pulled += (hi - lo) * 4
+        self.downlink.send((hi - lo) * 4)
         return True
 
     def _finish_gets(self, handle: PullHandle) -> None:
@@ -187,7 +222,13 @@ class PSClient:
             return
         if isinstance(handle, PullHandle):
             self._finish_gets(handle)
+            # the gates are left: waiting out the emulated link while holding one would keep
+            # its server from updating (and, in bsp, every other worker waiting on it)
+            self.downlink.wait_delivered(self.duties)
         else:
+            # the emulated link delivers the payload no sooner than its bytes allow: the
+            # flags below, which let the server apply it, must not be raised earlier
+            self.uplink.wait_delivered(self.duties)
             for s, rank in enumerate(self.servers):
                 self.wins.slots.Flush(rank)  # payload complete at the target ...
                 self.wins.write(rank, self.L.slot_state + self.slot, 1)  # ... before the flag says so
@@ -237,6 +278,7 @@ class PSClient:
         rank = self.servers[s]
         target = self.wins.slot_offset(s, self.slot) + offset
         self.wins.slots.Put([values, mpi().BYTE], rank, (target, values.nbytes, mpi().BYTE))
+        self.uplink.send(values.nbytes)
 
     def _encode_and_put(self, s: int) -> None:
         lo, hi = self.ranges[s]

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hpcps.ps import control as C
 from hpcps.ps.codec import ShardCodec
 from hpcps.ps.roles import Roles
 from hpcps.ps.sharding import shard_ranges
 from hpcps.ps.windows import PSWindows
+from hpcps.runtime.polled import PolledComm
+from hpcps.runtime.wait import Every
 
 
 @dataclass
@@ -48,8 +51,15 @@ class ShardSet:
         return P * 4 * (2 + (2 if feedback else 0)) + sum(self.wins.strides)
 
     def close(self) -> None:
-        """Collective: every rank is done with the windows; servers check the guard bytes."""
-        self.roles.comm.Barrier()
+        """Collective: every rank is done with the windows; servers check the guard bytes.
+
+        Servers keep their heartbeat going while they wait here: after the last meeting a
+        worker still pulls the final params (over a slow link with ``ps.link_gbps``: a
+        124M model takes 40 s at 0.1 Gb/s) while its waits watch the servers, and must not
+        take finished servers for dead ones. Every rank uses the same non-blocking barrier
+        (a blocking one would not match it)."""
+        beat = self._heartbeat() if self.roles.is_server else None
+        PolledComm(self.roles.comm, beat).Barrier()
         if self.roles.is_server:
             damaged = self.wins.check_guards()
             if damaged:
@@ -57,6 +67,15 @@ class ShardSet:
                                    f"{self.roles.server_index}: {', '.join(damaged)} (an RMA "
                                    "write went out of bounds)")
         self.wins.free()
+
+    def _heartbeat(self):
+        """A server's heartbeat alone (its event loop, with the full duties, is over)."""
+        me, due = self.roles.world_rank, Every(0.2)
+
+        def beat() -> None:
+            if due.due():
+                self.wins.add(me, C.HEARTBEAT, 1)
+        return beat
 
 
 def server_memory_bytes(n: int, n_workers: int, stride: int, optimizer: str) -> int:
