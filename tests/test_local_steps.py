@@ -162,10 +162,12 @@ def test_default_outer_nesterov_differs_from_one_process(tmp_path, shakespeare_c
 
 
 # -- W workers, parameter averaging: equals a NumPy reference --------------------------------
-def averaging_reference(corpus, workers: int, H: int, batch: int = BATCH) -> tuple[list, np.ndarray]:
+def averaging_reference(corpus, workers: int, H: int, batch: int = BATCH,
+                        fragments: int = 1, extra=()) -> tuple[list, np.ndarray]:
     """Per-step losses of replica 0 and the final averaged params: W replicas, each with its
     own AdamW on its ``batch`` sequences of every global batch, averaged every H steps and at
-    the end."""
+    the end; with F ``fragments`` one fragment (in turn) every H / F steps, all at the end."""
+    from hpcps.ps.fragments import fragment_ranges
     from hpcps.backend import CPU
     from hpcps.config import load_config
     from hpcps.optim import make_optimizer
@@ -173,14 +175,15 @@ def averaging_reference(corpus, workers: int, H: int, batch: int = BATCH) -> tup
     from hpcps.optim.schedule import lr_schedule
     from hpcps.workloads import build_workload
     cfg = load_config(SHAKESPEARE_CHAR, [f"data.path={corpus}", *TINY,
-                                         f"train.batch_size={batch}"])
+                                         f"train.batch_size={batch}", *extra])
     workload = build_workload(cfg, CPU)
     layout, lr_fn = workload.layout, lr_schedule(cfg)
     global_params = layout.init_slice(cfg.train.seed)
     replicas = [global_params.copy() for _ in range(workers)]
     opts = [make_optimizer(cfg, layout.total, layout.decay_ranges()) for _ in range(workers)]
     grads = layout.new_buffer()
-    losses = []
+    losses, syncs = [], []
+    parts = fragment_ranges(layout, fragments)
     for step in range(STEPS):
         for w in range(workers):
             lo, hi = w * batch, (w + 1) * batch
@@ -190,7 +193,19 @@ def averaging_reference(corpus, workers: int, H: int, batch: int = BATCH) -> tup
             opts[w].step(replicas[w], grads, lr_fn(step), scale)
             if w == 0:
                 losses.append(loss)
-        if (step + 1) % H == 0 or step + 1 == STEPS:
+        if fragments > 1:
+            if (step + 1) % (H // fragments) == 0:
+                syncs.append(((step + 1) // (H // fragments) - 1) % fragments)
+            if step + 1 == STEPS:   # the end syncs whatever drifted (all, in any order)
+                syncs.extend(range(fragments))
+            for f in syncs:
+                for a, b in parts[f]:
+                    mean = np.mean([r[a:b] for r in replicas], axis=0, dtype=np.float64)
+                    global_params[a:b] = mean.astype(np.float32)
+                    for replica in replicas:
+                        replica[a:b] = global_params[a:b]
+            syncs.clear()
+        elif (step + 1) % H == 0 or step + 1 == STEPS:
             global_params = np.mean(replicas, axis=0, dtype=np.float64).astype(np.float32)
             for replica in replicas:
                 replica[...] = global_params
@@ -216,6 +231,64 @@ def test_workers_with_parameter_averaging_equal_a_numpy_reference(mpi_impl, tmp_
     n_params = len(params)
     assert pushes[2] == pytest.approx((n_params * 4 + 2 * 64) / 1e6)   # 2 shards' headers
     assert sum(r["pull_mb"] for r in ours) == pytest.approx(4 * n_params * 4 / 1e6)
+
+
+# -- streaming: fragments sync in turn ---------------------------------------------------------
+STREAMING_AVERAGING = ["ps.outer_optimizer=nesterov", "ps.outer_lr=1", "ps.outer_momentum=0"]
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(150)
+def test_streaming_fragments_equal_a_numpy_reference(mpi_impl, tmp_path, shakespeare_corpus):
+    workers, H, F = 2, 4, 2
+    extra = ["model.n_layer=3"]   # blocks 0, 2 (and the embeddings) in fragment 0, block 1 in 1
+    run = tmp_path / "run"
+    check_ok(run_mpi(workers + 2, tiny_args(shakespeare_corpus, run, BATCH, *extra, "ps.mode=bsp",
+                                            "ps.servers=2", f"ps.local_steps={H}",
+                                            f"ps.fragments={F}", *STREAMING_AVERAGING),
+                     mpi_impl, timeout=120))
+    losses, params = averaging_reference(shakespeare_corpus, workers, H, fragments=F,
+                                         extra=extra)
+    ours = read_metrics(run)
+    np.testing.assert_allclose([r["loss"] for r in ours], losses, rtol=1e-5)
+    np.testing.assert_allclose(final_params(run), params, rtol=1e-4, atol=1e-6)
+    # one fragment every H / F = 2 steps, in turn; at the end the one not yet synced
+    assert [(r["step"], r["fragment"]) for r in ours if "fragment" in r] == \
+        [(2, 0), (4, 1), (6, 0), (8, 1), (10, 1)]
+    from hpcps.ps.fragments import fragment_ranges
+    sizes = [sum(b - a for a, b in f) * 4 for f in fragment_ranges(_layout(shakespeare_corpus, extra), F)]
+    assert ours[1]["push_mb"] == pytest.approx((sizes[0] + 2 * 64) / 1e6)
+    assert ours[3]["push_mb"] == pytest.approx((sizes[1] + 2 * 64) / 1e6)
+    assert ours[1]["pull_mb"] == pytest.approx(sizes[0] / 1e6)   # the fragment pulled back
+    assert ours[2]["push_mb"] == ours[2]["pull_mb"] == 0.0      # an inner step moves nothing
+
+
+def _layout(corpus, extra):
+    from hpcps.backend import CPU
+    from hpcps.config import load_config
+    from hpcps.workloads import build_workload
+    return build_workload(load_config(SHAKESPEARE_CHAR, [f"data.path={corpus}", *TINY, *extra]),
+                          CPU).layout
+
+
+def test_fragment_codec_touches_only_its_fragment():
+    from hpcps.ps.fragments import FragmentCodec
+    n = 300
+    ranges = [(3, 70), (150, 290)]
+    grad = np.arange(n, dtype=np.float32) - 100.0
+    for compression, tolerance in (("none", 0.0), ("bf16", 1.0), ("int4", 20.0)):
+        codec = FragmentCodec(n, ranges, compression)
+        out = np.zeros(4 * n, dtype=np.uint8)
+        nbytes = codec.encode(grad, out)
+        assert nbytes == codec.max_payload_bytes
+        acc = np.full(n, 7.0, dtype=np.float32)
+        codec.decode_add(out[:nbytes], acc, 0.5)
+        inside = np.zeros(n, dtype=bool)
+        for a, b in ranges:
+            inside[a:b] = True
+        assert (acc[~inside] == 7.0).all()
+        np.testing.assert_allclose(acc[inside], 7.0 + 0.5 * grad[inside], atol=tolerance)
+    assert FragmentCodec(n, ranges, "none").max_payload_bytes == (67 + 140) * 4
 
 
 # -- ps.hierarchy = node: a node's workers are one replica ----------------------------------------
@@ -256,21 +329,24 @@ def test_node_replicas_with_parameter_averaging_equal_a_numpy_reference(
 
 # -- kill -9 and resume -----------------------------------------------------------------------
 LOCAL = ["ps.mode=bsp", "ps.servers=1", "ps.local_steps=2"]
+STREAMING = ["ps.mode=bsp", "ps.servers=1", "ps.local_steps=4", "ps.fragments=2",
+             "model.n_layer=2", "ps.compression=int4"]
 
 
 @pytest.mark.mpi
 @pytest.mark.timeout(240)
-def test_kill_then_resume_with_local_steps_is_bit_identical(shakespeare_corpus, tmp_path):
+@pytest.mark.parametrize("local", [LOCAL, STREAMING], ids=["rounds", "streaming-int4"])
+def test_kill_then_resume_with_local_steps_is_bit_identical(shakespeare_corpus, tmp_path, local):
     require_implementation("mpich")
     ref = tmp_path / "ref"
-    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, ref, *LOCAL)], ref, n=3, name="reference")
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, ref, *local)], ref, n=3, name="reference")
     run = tmp_path / "run"
-    job = Job(["-q", *tiny_gpt_args(shakespeare_corpus, run, *LOCAL)], run, n=3, name="killed")
+    job = Job(["-q", *tiny_gpt_args(shakespeare_corpus, run, *local)], run, n=3, name="killed")
     job.wait_for_step(14)
     job.signal_rank(1, signal.SIGKILL)   # a worker, mid-round
     assert job.wait(60) != 0, job.output()
     assert job.steps_written() < 40, "the job finished before the kill: nothing was tested"
-    resumed = run_ok(tiny_gpt_args(shakespeare_corpus, run, *LOCAL), run, n=3, name="resumed")
+    resumed = run_ok(tiny_gpt_args(shakespeare_corpus, run, *local), run, n=3, name="resumed")
     assert "resuming from" in resumed.stdout, resumed.output()
     assert_same_run(run, ref)
     np.testing.assert_array_equal(final_params(run), final_params(ref))
@@ -303,8 +379,17 @@ def test_asp_local_steps_apply_every_sample_once(tmp_path, shakespeare_corpus):
     (["ps.mode=bsp", "ps.local_steps=-1"], ("ps.local_steps",)),
     (["ps.mode=bsp", "ps.local_steps=4", "ps.outer_lr=0"], ("ps.outer_lr",)),
     (["ps.mode=bsp", "ps.local_steps=4", "ps.outer_momentum=1"], ("ps.outer_momentum",)),
+    (["ps.mode=asp", "ps.local_steps=4", "ps.fragments=2", "model.n_layer=2"],
+     ("ps.fragments = 2", "bsp")),
+    (["ps.mode=bsp", "ps.local_steps=5", "ps.fragments=2", "model.n_layer=2"],
+     ("multiple of F",)),
+    (["ps.mode=bsp", "ps.local_steps=4", "ps.fragments=2"], ("1 blocks",)),
+    (["ps.mode=bsp", "ps.local_steps=4", "ps.fragments=2", "model.n_layer=2",
+      "ps.compression=topk"], ("topk",)),
+    (["ps.mode=bsp", "ps.fragments=2", "model.n_layer=2"], ("ps.fragments", "ps.local_steps")),
 ], ids=["ssp", "allreduce", "buffer-bsp", "dc", "outer-without-local",
-        "negative-H", "zero-lr", "momentum-1"])
+        "negative-H", "zero-lr", "momentum-1", "fragments-asp", "fragments-divide",
+        "fragments-blocks", "fragments-topk", "fragments-without-local"])
 def test_bad_local_steps_settings_are_one_line(tmp_path, shakespeare_corpus, extra, fragments):
     require_implementation("mpich")
     proc = run_mpi(3, tiny_args(shakespeare_corpus, tmp_path / "run", BATCH, *extra), "mpich",

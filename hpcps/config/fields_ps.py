@@ -152,3 +152,9 @@ field("ps.dynamic_local_steps", "bool", True,
 field("ps.link_gbps", "float", 0.0,
       "Experiments: emulate a slow link between each worker and the servers: every pull and "
       "push takes at least its bytes x 8 / (link_gbps x 1e9) seconds (0: off).", min=0.0)
+field("ps.fragments", "int", 1,
+      "Local steps in bsp (streaming): the model's blocks are dealt into F strided fragments "
+      "(block i in fragment i mod F; embeddings and other tensors outside blocks in fragment "
+      "0). Every H / F steps one fragment syncs, in turn, so each still syncs every H steps "
+      "while a push or pull moves about 1/F of the model (peak bandwidth / F). H must be a "
+      "multiple of F, F at most the number of blocks.", min=1)

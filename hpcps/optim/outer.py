@@ -32,26 +32,36 @@ from hpcps.optim.sgd import SGD
 Between = Optional[Callable[[], None]]
 
 
-def _chunks(n: int):
-    for lo in range(0, n, CHUNK):
-        yield lo, min(n, lo + CHUNK)
+def _chunks(ranges):
+    for a, b in ranges:
+        for lo in range(a, b, CHUNK):
+            yield lo, min(b, lo + CHUNK)
 
 
 class Nesterov:
     """SGD with Nesterov momentum on pseudo-gradients (no weight decay: the inner
-    optimizer decays)."""
+    optimizer decays). ``fragments`` (streaming local steps): per fragment its ranges of
+    this slice; step t (from 0) then touches fragment t mod F only, params and momentum
+    elsewhere stay as they are."""
     state_names = ("momentum_buffer",)
 
-    def __init__(self, n: int, momentum: float, xp=np):
+    def __init__(self, n: int, momentum: float, xp=np, fragments=None):
         self.n, self.momentum, self.xp = n, momentum, xp
+        self.fragments = fragments
         self.buf = xp.zeros(n, dtype=xp.float32)
         self._tmp = xp.empty(min(n, CHUNK), dtype=xp.float32)
         self.t = 0
 
+    def _ranges(self):
+        if self.fragments is None:
+            return [(0, self.n)]
+        return self.fragments[self.t % len(self.fragments)]
+
     def step(self, params, grad, lr: float, grad_scale: float = 1.0, between: Between = None) -> None:
+        ranges = self._ranges()
         self.t += 1
         mu, g_scale = np.float32(self.momentum), np.float32(grad_scale)
-        for lo, hi in _chunks(self.n):
+        for lo, hi in _chunks(ranges):
             buf, tmp = self.buf[lo:hi], self._tmp[:hi - lo]
             self.xp.multiply(grad[lo:hi], g_scale, out=tmp)
             buf *= mu
@@ -85,7 +95,7 @@ class DelayedNesterov(Nesterov):
         closes = self.t % self.group == 0
         share = np.float32(1.0 / self.group)
         mu, g_scale, step = np.float32(self.momentum), np.float32(grad_scale), np.float32(lr)
-        for lo, hi in _chunks(self.n):
+        for lo, hi in _chunks([(0, self.n)]):
             tmp, acc = self._tmp[:hi - lo], self.delay_sum[lo:hi]
             self.xp.multiply(grad[lo:hi], g_scale, out=tmp)
             acc += tmp
@@ -119,14 +129,15 @@ def outer_group_size(cfg, n_pushers: int) -> int:
     return n_pushers if cfg.ps.outer_buffer == "auto" else int(cfg.ps.outer_buffer)
 
 
-def make_outer_optimizer(cfg, n: int, mode: str, n_pushers: int, xp=np):
-    """The servers' optimizer for a shard of ``n`` elements with ``ps.local_steps``."""
+def make_outer_optimizer(cfg, n: int, mode: str, n_pushers: int, xp=np, fragments=None):
+    """The servers' optimizer for a shard of ``n`` elements with ``ps.local_steps``
+    (``fragments``: this shard's part of each fragment, for streaming rounds)."""
     mu = cfg.ps.outer_momentum
     if cfg.ps.outer_optimizer == "sgd":
         return SGD(n, [], momentum=mu, weight_decay=0.0, xp=xp)
     if mode == "asp":
         return DelayedNesterov(n, mu, outer_group_size(cfg, n_pushers), xp=xp)
-    return Nesterov(n, mu, xp=xp)
+    return Nesterov(n, mu, xp=xp, fragments=fragments)
 
 
 def outer_state_names(cfg, mode: str) -> tuple:

@@ -86,6 +86,10 @@ class PSClient:
         roles = shards.roles
         self.cfg, self.roles, self.wins = cfg, roles, shards.wins
         self.ranges, self.codecs = shards.ranges, shards.codecs
+        # streaming local steps: a push or pull of one fragment (None: whole shards)
+        self.fragments, self.fragment_codecs = shards.fragments, shards.fragment_codecs
+        self._push_codecs = self.codecs   # the encodings of the push being sent
+        self._pull_fragment: Optional[int] = None
         self.params = params
         self.duties = duties
         self.mode = roles.mode
@@ -146,8 +150,10 @@ class PSClient:
                 fb.residual[:] = residual[lo:hi]
 
     # -- pull ------------------------------------------------------------------------
-    def pull(self, step: int) -> PullHandle:
-        """Start fetching every shard; in bsp a shard is fetched once it holds step ``step``."""
+    def pull(self, step: int, fragment: Optional[int] = None) -> PullHandle:
+        """Start fetching every shard (or only fragment ``fragment`` of each, streaming
+        local steps); in bsp a shard is fetched once it holds step ``step``."""
+        self._pull_fragment = fragment
         handle = PullHandle(step)
         pending = list(range(self.S))
         backoff = Backoff()
@@ -202,11 +208,14 @@ class PSClient:
             return False
         # the server moves VERSION only while the gate is closed: this read matches the data
         self.pulled_version[s] = self.wins.read(rank, C.VERSION)
-        handle.requests.append(self.wins.params.Rget([self.params[lo:hi], MPI.FLOAT], rank,
-                                                     (G_PARAMS, hi - lo, MPI.FLOAT)))
+        parts = ([(0, hi - lo)] if self._pull_fragment is None
+                 else self.fragment_codecs[s][self._pull_fragment].ranges)
+        for a, b in parts:   # shard-relative ranges
+            handle.requests.append(self.wins.params.Rget(
+                [self.params[lo + a:lo + b], MPI.FLOAT], rank, (G_PARAMS + a, b - a, MPI.FLOAT)))
+            self.bytes_pulled += (b - a) * 4
+            self.downlink.send((b - a) * 4)
         handle.locked.append(rank)
-        self.bytes_pulled += (hi - lo) * 4
-        self.downlink.send((hi - lo) * 4)
         return True
 
     def _finish_gets(self, handle: PullHandle) -> None:
@@ -236,10 +245,15 @@ class PSClient:
         handle.done = True
 
     # -- push ------------------------------------------------------------------------
-    def start_push(self, grads: np.ndarray, touched: Optional[dict]) -> Callable[[int, int], None]:
+    def start_push(self, grads: np.ndarray, touched: Optional[dict],
+                   fragment: Optional[int] = None) -> Callable[[int, int], None]:
         """Before backward: where gradients will appear and which rows the batch touched.
-        Returns the callback for backward to report finished gradient ranges."""
+        Returns the callback for backward to report finished gradient ranges.
+        ``fragment``: the push carries only that fragment of each shard (streaming local
+        steps; ``grads`` is zero outside it)."""
         self._grads, self._touched = grads, touched
+        self._push_codecs = (self.codecs if fragment is None
+                             else [codecs[fragment] for codecs in self.fragment_codecs])
         self._ready = [0] * self.S
         self._sent = [False] * self.S
         self._slot_asked = [False] * self.S
@@ -255,7 +269,7 @@ class PSClient:
                 continue
             if not self._slot_is_free(s):
                 continue
-            plain = self.codecs[s].is_plain_dense and self.feedback is None
+            plain = self._push_codecs[s].is_plain_dense and self.feedback is None
             if plain:  # the payload is the gradient itself: put this bucket now
                 self._put_bytes(s, SLOT_HEADER + (x - a) * 4, self._grads[x:y])
             self._ready[s] += y - x
@@ -283,7 +297,8 @@ class PSClient:
     def _encode_and_put(self, s: int) -> None:
         lo, hi = self.ranges[s]
         grad = self._grads[lo:hi]
-        if self.codecs[s].is_plain_dense and self.feedback is None:
+        codec = self._push_codecs[s]
+        if codec.is_plain_dense and self.feedback is None:
             # the payload is the gradient slice itself: put it from there, no encode copy
             self._nbytes[s] = (hi - lo) * 4
             self._put_bytes(s, SLOT_HEADER, grad)
@@ -291,9 +306,9 @@ class PSClient:
         payload = self.send[s][SLOT_HEADER:]
         touched = self._shard_touched()
         if self.feedback is not None:
-            nbytes = self.feedback[s].encode(grad, payload, touched)
+            nbytes = self.feedback[s].encode(grad, payload, touched, codec)
         else:
-            nbytes = self.codecs[s].encode(grad, payload, touched)
+            nbytes = codec.encode(grad, payload, touched)
         self._nbytes[s] = nbytes
         self._put_bytes(s, SLOT_HEADER, payload[:nbytes])
 

@@ -284,11 +284,15 @@ class ErrorFeedback:
         self.residual = np.zeros(codec.n, dtype=np.float32)
         self._decoded = np.zeros(codec.n, dtype=np.float32)
 
-    def encode(self, grad: np.ndarray, out: np.ndarray, touched: dict | None = None) -> int:
+    def encode(self, grad: np.ndarray, out: np.ndarray, touched: dict | None = None,
+               codec=None) -> int:
+        """``codec``: this push's encoding of the shard when it is not the shard's own (a
+        fragment push: elements outside the fragment keep their residual)."""
+        codec = self.codec if codec is None else codec
         e = self.residual
         e += grad
-        nbytes = self.codec.encode(e, out, touched)
+        nbytes = codec.encode(e, out, touched)
         self._decoded.fill(0.0)
-        self.codec.decode_add(out[:nbytes], self._decoded)
+        codec.decode_add(out[:nbytes], self._decoded)
         e -= self._decoded
         return nbytes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from hpcps.config.fields import FIELDS
 from hpcps.errors import UserError
+from hpcps.ps.fragments import count_blocks
 
 ASYNC_MODES = ("asp", "ssp")
 
@@ -81,7 +82,8 @@ def _check_local_steps(cfg, mode: str) -> None:
         raise UserError(f"ps.link_gbps throttles the pulls and pushes of a parameter-server "
                         f"mode (bsp, ssp, asp), not ps.mode = {mode}")
     if not ps.local_steps:
-        changed = [k for k in OUTER_KEYS if getattr(ps, k) != FIELDS[f"ps.{k}"].default]
+        changed = [k for k in (*OUTER_KEYS, "fragments")
+                   if getattr(ps, k) != FIELDS[f"ps.{k}"].default]
         if changed:
             raise UserError(f"ps.{changed[0]} = {getattr(ps, changed[0])} applies only to local "
                             "steps: set ps.local_steps >= 1 or drop it")
@@ -106,3 +108,27 @@ def _check_local_steps(cfg, mode: str) -> None:
         raise UserError(f"ps.outer_buffer = {ps.outer_buffer} is delayed Nesterov's group in asp "
                         f"(ps.outer_optimizer = nesterov); here ps.mode = {mode} and "
                         f"ps.outer_optimizer = {ps.outer_optimizer}: drop it")
+    F = ps.fragments
+    if F > 1:
+        why = None
+        if mode != "bsp":
+            why = f"streaming rounds are synchronous: use ps.mode = bsp, not {mode}"
+        elif H % F:
+            why = "H must be a multiple of F (a fragment syncs every H / F steps)"
+        elif ps.outer_optimizer != "nesterov":
+            why = ("each fragment keeps its own outer momentum: use ps.outer_optimizer = "
+                   "nesterov (momentum 0 for plain SGD)")
+        elif ps.compression == "topk":
+            why = "a fragment push is dense, not ps.compression = topk: use none, fp16, bf16 or int4"
+        if why:
+            raise UserError(f"ps.fragments = {F} with ps.local_steps = {H}: {why}")
+
+
+def check_fragments(cfg, layout) -> None:
+    """``ps.fragments`` against the model: at most one fragment per block."""
+    F = cfg.ps.fragments
+    if cfg.ps.local_steps and F > 1:
+        blocks = count_blocks(layout)
+        if F > blocks:
+            raise UserError(f"ps.fragments = {F} but the model has {blocks} blocks "
+                            f"(model.n_layer or its equivalent): use at most {blocks}")

@@ -76,6 +76,9 @@ class Server:
         roles, wins = shards.roles, shards.wins
         self.cfg, self.roles, self.wins = cfg, roles, wins
         self.codec = shards.codecs[roles.server_index]
+        # streaming local steps: round r carries fragment r mod F only (bsp)
+        self.round_codecs = (shards.fragment_codecs[roles.server_index]
+                             if shards.fragment_codecs is not None else None)
         self.opt, self.lr_fn = optimizer, lr_fn
         self.max_norm = cfg.train.grad_clip if max_norm is None else max_norm
         self.mode = roles.mode
@@ -386,11 +389,13 @@ class Server:
         """sum_i shares[i] * push of pushers[i]. A single plain fp32 push is used where it
         lies in its slot (no copy); the slot is released only after the update has read it."""
         payloads = [self._payload(p, int(h[Header.NBYTES])) for p, h in zip(pushers, heads)]
-        if len(payloads) == 1 and self.codec.is_plain_dense and shares[0] == 1.0:
+        codec = (self.codec if self.round_codecs is None
+                 else self.round_codecs[self.version % len(self.round_codecs)])
+        if len(payloads) == 1 and codec.is_plain_dense and shares[0] == 1.0:
             return payloads[0].view(np.float32)
         self.acc.fill(0.0)
         for payload, share in zip(payloads, shares):
-            self.codec.decode_add(payload, self.acc, share)
+            codec.decode_add(payload, self.acc, share)
             self.progress()
         return self.acc
 

@@ -8,9 +8,11 @@ worker knows each shard's range and push encoding without asking anyone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from hpcps.ps import control as C
 from hpcps.ps.codec import ShardCodec
+from hpcps.ps.fragments import FragmentCodec, fragment_ranges, within
 from hpcps.ps.roles import Roles
 from hpcps.ps.sharding import shard_ranges
 from hpcps.ps.windows import PSWindows
@@ -24,6 +26,10 @@ class ShardSet:
     ranges: list[tuple[int, int]]   # [lo, hi) of shard s in the flat buffer
     codecs: list[ShardCodec]        # the push encoding of shard s
     wins: PSWindows
+    # streaming local steps (ps.fragments > 1): each fragment's ranges in the flat buffer,
+    # and per shard per fragment the encoding of a push of that fragment only
+    fragments: Optional[list] = None
+    fragment_codecs: Optional[list[list[FragmentCodec]]] = None
 
     @classmethod
     def open(cls, cfg, roles: Roles, layout) -> "ShardSet":
@@ -32,7 +38,19 @@ class ShardSet:
         codecs = [ShardCodec(layout, lo, hi, cfg.ps.compression, cfg.ps.topk_ratio,
                              cfg.ps.sparse_embedding) for lo, hi in ranges]
         wins = PSWindows(roles.comm, roles, ranges, [c.max_payload_bytes for c in codecs])
-        return cls(roles, ranges, codecs, wins)
+        fragments = fragment_codecs = None
+        if cfg.ps.local_steps and cfg.ps.fragments > 1:
+            fragments = fragment_ranges(layout, cfg.ps.fragments)
+            fragment_codecs = [[FragmentCodec(hi - lo, within(f, lo, hi), cfg.ps.compression)
+                                for f in fragments] for lo, hi in ranges]
+        return cls(roles, ranges, codecs, wins, fragments, fragment_codecs)
+
+    def own_fragments(self) -> Optional[list]:
+        """This server's part of each fragment, shard-relative (None without fragments)."""
+        if self.fragments is None:
+            return None
+        lo, hi = self.own_range
+        return [within(f, lo, hi) for f in self.fragments]
 
     @property
     def own_range(self) -> tuple[int, int]:

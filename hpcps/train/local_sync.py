@@ -42,7 +42,8 @@ def replica_memory_bytes(cfg, n_params: int) -> int:
     """What a replica adds to a worker: the inner optimizer's state and scratch (AdamW: m,
     v, scratch; SGD: momentum, scratch) and the round's anchor, fp32 each."""
     inner = 3 if cfg.train.optimizer == "adamw" else 2
-    return 4 * n_params * (inner + 1)
+    streaming = 1 if cfg.ps.fragments > 1 else 0   # the fragment's delta
+    return 4 * n_params * (inner + 1 + streaming)
 
 
 def dynamic_round_length(H: int, own_step_s: float, published_s: np.ndarray) -> int:
@@ -84,9 +85,16 @@ class LocalStepsSync:
             # the global params the round started from; at the round's end the delta is
             # computed in place (the next round pulls a new anchor anyway)
             self.anchor = np.empty_like(params)
-        self.round_length = self.H
+        # streaming (ps.fragments = F > 1, bsp): every H / F steps one fragment syncs, in
+        # turn; round r carries fragment r mod F. ``delta`` is zero outside the fragment
+        # pushed (error feedback keeps the other fragments' residuals as they are)
+        self.fragments = ps.fragments if self.owns_replica else None
+        self.delta = np.zeros_like(params) if self.fragments else None
+        self.fragment_drift = [0] * len(self.fragments) if self.fragments else []
+        self.round_length = self.H // len(self.fragments) if self.fragments else self.H
         self._open_round()
-        self.round_open = False
+        self.round_open = False     # False: the next pull is a whole pull of the global params
+        self.drifted = 0            # inner steps since the last whole pull
         self.next_round = 0         # bsp: the round whose params the next pull waits for
         self.step_time_sum = 0.0    # this replica's compute seconds over its inner steps
         self.steps_timed = 0
@@ -133,6 +141,9 @@ class LocalStepsSync:
             self.ps.pull_from_servers(self.next_round)
             self.anchor[...] = self.params
             self.round_open = True
+            self.drifted = 0
+            self.fragment_drift = [0] * len(self.fragment_drift)
+            self.next_round = self.ps.pulled_version() if self.ps.mode == "bsp" else 0
             if self.dynamic:
                 self.round_length = self._dynamic_length()
         if self.node is not None:
@@ -152,7 +163,7 @@ class LocalStepsSync:
         """Evaluation reads the global params: the replica's at a round's start (where
         every scheduled evaluation of bsp falls when eval_every is a multiple of H), else
         the anchor, the global params of this round."""
-        if self.owns_replica and self.round_open and self.steps_in_round:
+        if self.owns_replica and self.round_open and self.drifted:
             return self.anchor
         return params
 
@@ -172,11 +183,13 @@ class LocalStepsSync:
         self.items += items
         self.compute_s += compute_s
         self.steps_in_round += 1
+        self.drifted += 1
+        self.fragment_drift = [d + 1 for d in self.fragment_drift]
         self.step_time_sum += compute_s
         self.steps_timed += 1
         stats = {"loss": loss, "grad_norm": norm}
         if self.steps_in_round >= self.round_length:
-            stats.update(self._push_round(step))
+            stats.update(self._push_fragment(step) if self.fragments else self._push_round(step))
         elif self.is_lead and self.ps.mode != "bsp":
             stats.update(self.ps.job_progress())   # what the others' rounds applied meanwhile
         if self.node is not None:
@@ -185,7 +198,13 @@ class LocalStepsSync:
 
     def before_meet(self, step: int) -> dict:
         """A sync point closes the open round: its delta counts before the meeting."""
-        stats = self._push_round(step - 1) if self.owns_replica and self.steps_in_round else {}
+        stats: dict = {}
+        if self.owns_replica and self.drifted:
+            if self.fragments:   # sync, in round order, until no fragment has drifted
+                while any(self.fragment_drift):
+                    stats = self._push_fragment(step - 1)
+            elif self.steps_in_round:
+                stats = self._push_round(step - 1)
         self.round_open = False
         return stats
 
@@ -208,6 +227,34 @@ class LocalStepsSync:
             if self.ps.mode == "bsp":   # the round's mean over all workers, the outer norm
                 out["round_loss"], out["outer_norm"] = stats["loss"], stats["grad_norm"]
                 out.pop("items_applied", None)   # a round's items would spike one record
+        return out
+
+    def _push_fragment(self, step: int) -> dict:
+        """Streaming: push fragment r mod F's delta as round r, pull the fragment back once
+        the servers applied it; the replica's other fragments go on from where they are."""
+        r = self.next_round
+        f = r % len(self.fragments)
+        ranges = self.fragments[f]
+        for a, b in ranges:
+            np.subtract(self.anchor[a:b], self.params[a:b], out=self.delta[a:b])
+        # a sync point syncs fragments with no step since their last push: equal weights
+        weight = self.weight if self.weight > 0 else 1.0
+        mean_loss = self.loss_sum / self.weight if self.weight else 0.0
+        steps = self.steps_in_round
+        stats = self.ps.push_prepared(r, self.delta, weight, mean_loss, self.items,
+                                      self.compute_s, fragment=f)
+        self.ps.pull_from_servers(r + 1, fragment=f)
+        for a, b in ranges:
+            self.delta[a:b] = 0.0
+            self.anchor[a:b] = self.params[a:b]
+        self.next_round = r + 1
+        self.fragment_drift[f] = 0
+        self._open_round()
+        out = {"round_steps": steps, "fragment": f}
+        if self.is_lead:
+            out.update({k: v for k, v in stats.items()
+                        if k not in ("loss", "grad_norm", "items_applied")})
+            out["round_loss"], out["outer_norm"] = stats["loss"], stats["grad_norm"]
         return out
 
     def worker_state(self) -> dict:

@@ -33,7 +33,7 @@ from hpcps.train.stragglers import Straggler
 from hpcps.train.sync import StepSync, Work
 
 RECORD_EXTRAS = ("staleness_mean", "staleness_max", "staleness_counts", "split",
-                 "round_loss", "outer_norm", "round_steps")
+                 "round_loss", "outer_norm", "round_steps", "fragment")
 
 
 class Trainer:

@@ -45,6 +45,7 @@ class PSSync:
                  start_step: int = 0, clip_pushes: bool = True):
         roles = shards.roles
         self.cfg, self.checkpointer, self.node = cfg, checkpointer, node
+        self.fragments = shards.fragments   # streaming local steps: each fragment's ranges
         self.mode = roles.mode
         self.is_lead = roles.world_rank == roles.lead_worker
         self.coordination = WorkerCoordination(cfg, shards)
@@ -142,10 +143,10 @@ class PSSync:
             else:
                 self.node.wait_for_params(step, self.coordination.duties)
 
-    def pull_from_servers(self, version: int) -> None:
-        """Talking worker: pull every shard into the params buffer (bsp: once the shard
-        holds ``version``), without the node's publishing."""
-        self.client.wait(self.client.pull(version))
+    def pull_from_servers(self, version: int, fragment: Optional[int] = None) -> None:
+        """Talking worker: pull every shard (or one fragment of each) into the params
+        buffer (bsp: once the shard holds ``version``), without the node's publishing."""
+        self.client.wait(self.client.pull(version, fragment))
 
     def start_push(self, grads, touched) -> GradReady:
         if self.node is not None:
@@ -171,11 +172,12 @@ class PSSync:
         return self._pushed(step, stats)
 
     def push_prepared(self, step: int, buf, weight: float, loss: float, items: int,
-                      compute_s: float = 0.0) -> dict:
+                      compute_s: float = 0.0, fragment: Optional[int] = None) -> dict:
         """Talking worker: push ``buf`` (e.g. a local-steps delta, already reduced over the
-        node) straight to the servers as the push of ``step``; returns its statistics."""
+        node; with ``fragment`` only that fragment of it) straight to the servers as the push
+        of ``step``; returns its statistics."""
         self.pushes += 1
-        self.client.start_push(buf, None)
+        self.client.start_push(buf, None, fragment)
         return self._pushed(step, self._to_servers(step, buf, weight, loss, items, compute_s))
 
     def _pushed(self, step: int, stats: dict) -> dict:

@@ -31,7 +31,7 @@ from hpcps.model.blas import rank_core_share, set_blas_threads
 from hpcps.optim import make_optimizer
 from hpcps.optim.outer import make_outer_optimizer
 from hpcps.optim.schedule import lr_schedule
-from hpcps.ps.options import check_options
+from hpcps.ps.options import check_fragments, check_options
 from hpcps.ps.roles import PS_MODES, Roles, build_roles
 from hpcps.ps.server import serve
 from hpcps.ps.shards import ShardSet
@@ -101,6 +101,7 @@ def setup(config_path, overrides, comm, quiet: bool) -> RunContext:
     _limit_threads(roles)
     backend = _worker_backend(cfg, roles, comm)
     workload = build_workload(cfg, backend)
+    check_fragments(cfg, workload.layout)
     checkpointer = Checkpointer(cfg, roles, workload.layout, workload.describe())
     resume = checkpointer.find_resume()
     if comm.Get_rank() == 0:
@@ -198,7 +199,8 @@ def run_server(ctx: RunContext, shards: ShardSet) -> int:
     lo, hi = shards.own_range
     local = cfg.ps.local_steps > 0
     if local:   # the servers step the global params with the workers' deltas
-        optimizer = make_outer_optimizer(cfg, hi - lo, ctx.roles.mode, ctx.roles.n_pushers)
+        optimizer = make_outer_optimizer(cfg, hi - lo, ctx.roles.mode, ctx.roles.n_pushers,
+                                         fragments=shards.own_fragments())
     else:
         optimizer = make_optimizer(cfg, hi - lo, layout.decay_ranges(lo, hi))
     if ctx.resume is not None:
