@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 
@@ -395,3 +396,29 @@ def test_bad_local_steps_settings_are_one_line(tmp_path, shakespeare_corpus, ext
     proc = run_mpi(3, tiny_args(shakespeare_corpus, tmp_path / "run", BATCH, *extra), "mpich",
                    timeout=60)
     assert_one_line_error(proc, *fragments)
+
+
+# -- the benchmark behind docs/benchmarks.md's local-steps table (smoke) -------------------------
+@pytest.mark.mpi
+@pytest.mark.timeout(240)
+def test_bench_train_local_experiment_reports_every_part(shakespeare_corpus):
+    import json
+    from mpi_util import mpich_mpirun
+    require_implementation("mpich")
+    cmd = [sys.executable, "-m", "hpcps", "bench", "train", f"data.path={shakespeare_corpus}",
+           "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=16",
+           "train.batch_size=2", "train.eval_steps=1", "--experiments", "local",
+           "--local-total", "8", "--local-h", "4", "--local-lr", "0.7", "--local-int4-h", "4",
+           "--local-fragments", "2", "--throttle-steps", "8", "--local-throttle-h", "4",
+           "--link-gbps", "0.01", "--straggler-workers", "2", "--local-straggler-steps", "8",
+           "--local-straggler-h", "2", "--repeats", "1", "--mpirun", mpich_mpirun(), "--json"]
+    report = json.loads(check_ok(run_command(cmd, 220, mpi_env("mpich"))).stdout)["local"]
+    rows = {r["run"]: r for r in report["quality"]}
+    assert list(rows) == ["bsp", "H=4 lr=0.7", "H=4 lr=0.7 int4", "H=4 lr=0.7 F=2",
+                          "H=4 lr=0.7 F=2 int4"]
+    assert rows["H=4 lr=0.7"]["push_reduction"] == pytest.approx(4.0, rel=0.01)
+    assert rows["H=4 lr=0.7 int4"]["push_reduction"] > 4 * 6   # int4: ~7x fewer bytes
+    assert all(math.isfinite(r["val_loss"]) for r in rows.values())
+    # 8 steps of ~25 KB pulls and pushes at 0.01 Gb/s: ~0.3 s per step for bsp
+    assert report["throttled"]["speedup"] > 1.5
+    assert set(report["straggler"]["runs"]) == {"bsp", "asp H=2", "asp H=2 naive"}

@@ -5,7 +5,8 @@ Three parts, every run a real ``hpcps train`` job of ``--local-total`` global st
 
 - quality: bsp, then local steps for every H in ``--local-h`` and outer lr in
   ``--local-lr`` (outer Nesterov, momentum 0.9), plus int4 deltas (with error
-  feedback) at every H in ``--local-int4-h`` with the first lr of the list.
+  feedback) at every H in ``--local-int4-h`` with the first lr of the list, and streaming
+  fragments (``--local-fragments``, fp32 and int4) at the first H and lr.
   Per run: val loss at the end (on the global params), MB pushed per worker and bytes
   per worker per token (summed from metrics.jsonl), the push reduction against bsp, and
   the time to finish. bsp and synchronous rounds are deterministic, so each runs once.
@@ -39,13 +40,15 @@ def _floats(text: str) -> list[float]:
 
 def check_arguments(args) -> None:
     """One line for a bad --local-* argument, before any run is launched."""
-    for name, parse in (("local_h", _ints), ("local_lr", _floats), ("local_int4_h", _ints)):
+    for name, parse in (("local_h", _ints), ("local_lr", _floats), ("local_int4_h", _ints),
+                        ("local_fragments", _ints)):
         text = getattr(args, name)
         try:
             values = parse(text)
         except ValueError:
             values = [0]
-        if (not values and name != "local_int4_h") or min(values, default=1) <= 0:
+        optional = name in ("local_int4_h", "local_fragments")
+        if (not values and not optional) or min(values, default=1) <= 0:
             raise UserError(f"--{name.replace('_', '-')}: expected a comma list of positive "
                             f"numbers, got {text!r}")
     for name in ("local_workers", "local_total", "local_throttle_h", "throttle_steps",
@@ -66,6 +69,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--local-h", default="10,20,50,200", help="H of the quality grid")
     parser.add_argument("--local-lr", default="0.4,0.6,0.8", help="outer lrs of the grid")
     parser.add_argument("--local-int4-h", default="20,50", help="H of the int4-delta runs")
+    parser.add_argument("--local-fragments", default="4",
+                        help="ps.fragments of the streaming runs (first H and lr; '' for none)")
     parser.add_argument("--link-gbps", type=float, default=0.1,
                         help="ps.link_gbps of the throttled runs")
     parser.add_argument("--local-throttle-h", type=int, default=20)
@@ -109,6 +114,12 @@ def _quality(runner) -> list[dict]:
     for h in _ints(a.local_int4_h):
         kinds.append((f"H={h} lr={lr0:g} int4", [f"ps.local_steps={h}", f"ps.outer_lr={lr0}",
                                                   "ps.compression=int4"]))
+    h0 = _ints(a.local_h)[0]
+    for f in _ints(a.local_fragments):
+        for codec in ("none", "int4"):
+            kinds.append((f"H={h0} lr={lr0:g} F={f}{' int4' if codec == 'int4' else ''}",
+                          [f"ps.local_steps={h0}", f"ps.outer_lr={lr0}", f"ps.fragments={f}",
+                           f"ps.compression={codec}"]))
     rows = []
     for name, extra in kinds:
         ranks, args = runner._mode_args("bsp", W, [*base, *extra])
