@@ -421,4 +421,4 @@ def test_bench_train_local_experiment_reports_every_part(shakespeare_corpus):
     assert all(math.isfinite(r["val_loss"]) for r in rows.values())
     # 8 steps of ~25 KB pulls and pushes at 0.01 Gb/s: ~0.3 s per step for bsp
     assert report["throttled"]["speedup"] > 1.5
-    assert set(report["straggler"]["runs"]) == {"bsp", "asp H=2", "asp H=2 naive"}
+    assert set(report["straggler"]["runs"]) == {"bsp", "bsp H=2", "asp H=2", "asp H=2 naive"}

@@ -14,8 +14,8 @@ Three parts, every run a real ``hpcps train`` job of ``--local-total`` global st
   throttled to ``--link-gbps``, interleaved ``--repeats`` times, ``--throttle-steps``
   steps: the median time to finish and its ratio.
 - straggler: ``--straggler-workers`` workers, the last ``--straggler-factor`` times
-  slower, ``--local-straggler-steps`` steps: bsp, asp with local steps at
-  ``--local-straggler-h`` (delayed Nesterov, dynamic local steps) and the naive variant
+  slower, ``--local-straggler-steps`` steps: bsp, synchronous rounds and asp with local
+  steps at ``--local-straggler-h`` (delayed Nesterov, dynamic local steps) and the naive variant
   beside it (a Nesterov step per delta, the same H for every worker), interleaved:
   time to finish and val loss.
 """
@@ -165,6 +165,7 @@ def _straggler(runner) -> dict:
     base = [f"train.max_steps={steps}", f"train.eval_every={steps}", "checkpoint.every=0",
             f"ps.straggler={slow_rank}:{a.straggler_factor:g}"]
     kinds = [("bsp", ["ps.mode=bsp"]),
+             (f"bsp H={H}", ["ps.mode=bsp", f"ps.local_steps={H}"]),
              (f"asp H={H}", ["ps.mode=asp", f"ps.local_steps={H}"]),
              (f"asp H={H} naive", ["ps.mode=asp", f"ps.local_steps={H}", *NAIVE_ASYNC])]
 

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from hpcps.optim.adamw import CHUNK
-from hpcps.optim.sgd import SGD
+from hpcps.optim.sgd import SGD, MomentumState
 
 Between = Optional[Callable[[], None]]
 
@@ -38,13 +38,11 @@ def _chunks(ranges):
             yield lo, min(b, lo + CHUNK)
 
 
-class Nesterov:
+class Nesterov(MomentumState):
     """SGD with Nesterov momentum on pseudo-gradients (no weight decay: the inner
     optimizer decays). ``fragments`` (streaming local steps): per fragment its ranges of
     this slice; step t (from 0) then touches fragment t mod F only, params and momentum
     elsewhere stay as they are."""
-    state_names = ("momentum_buffer",)
-
     def __init__(self, n: int, momentum: float, xp=np, fragments=None):
         self.n, self.momentum, self.xp = n, momentum, xp
         self.fragments = fragments
@@ -71,13 +69,6 @@ class Nesterov:
             params[lo:hi] -= tmp
             if between is not None:
                 between()
-
-    def state(self) -> dict:
-        return {"momentum_buffer": self.buf, "t": self.t}
-
-    def load_state(self, state: dict) -> None:
-        self.buf[...] = self.xp.asarray(state["momentum_buffer"])
-        self.t = int(state["t"])
 
 
 class DelayedNesterov(Nesterov):

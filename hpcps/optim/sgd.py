@@ -8,9 +8,20 @@ from typing import Callable, Optional
 import numpy as np
 
 
-class SGD:
+class MomentumState:
+    """The state of a momentum optimizer: its buffer ``buf`` and step count ``t`` (shared by
+    SGD and the outer Nesterov of local steps)."""
     state_names = ("momentum_buffer",)
 
+    def state(self) -> dict:
+        return {"momentum_buffer": self.buf, "t": self.t}
+
+    def load_state(self, state: dict) -> None:
+        self.buf[...] = self.xp.asarray(state["momentum_buffer"])
+        self.t = int(state["t"])
+
+
+class SGD(MomentumState):
     def __init__(self, n: int, decay_ranges, *, momentum=0.9, weight_decay=0.0, xp=np):
         self.n = n
         self.decay_ranges = list(decay_ranges)
@@ -39,10 +50,3 @@ class SGD:
         params -= tmp
         if between is not None:
             between()
-
-    def state(self) -> dict:
-        return {"momentum_buffer": self.buf, "t": self.t}
-
-    def load_state(self, state: dict) -> None:
-        self.buf[...] = self.xp.asarray(state["momentum_buffer"])
-        self.t = int(state["t"])
