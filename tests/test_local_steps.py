@@ -353,6 +353,31 @@ def test_kill_then_resume_with_local_steps_is_bit_identical(shakespeare_corpus, 
     np.testing.assert_array_equal(final_params(run), final_params(ref))
 
 
+@pytest.mark.mpi
+@pytest.mark.timeout(240)
+def test_resume_on_another_worker_count_starts_fresh_replicas(shakespeare_corpus, tmp_path):
+    # 2 workers save their inner AdamW states at step 12; 3 workers resume: each starts from
+    # the global params with a fresh inner state (a one-line note says so), the servers keep
+    # the global params, the outer momentum and the round count
+    require_implementation("mpich")
+    run = tmp_path / "run"
+    local = ["ps.mode=bsp", "ps.servers=1", "ps.local_steps=4", "checkpoint.every=12"]
+    run_ok(["-q", *tiny_gpt_args(shakespeare_corpus, run, *local, "train.max_steps=12")], run, n=3)
+    from hpcps.checkpoint import open_checkpoint
+    saved = final_params(run)
+    assert open_checkpoint(str(run)).manifest["shards"][0]["version"] == 3   # rounds, not steps
+    job = run_ok(tiny_gpt_args(shakespeare_corpus, run, *local, "train.max_steps=20"), run, n=4)
+    assert "resuming from" in job.stdout and "start fresh" in job.output(), job.output()
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 21))
+    # step 13's loss is the saved global params' on the new first worker's batch: close to
+    # step 12's (the same params, another batch), far from a fresh model's ln 65 = 4.17
+    assert abs(records[12]["loss"] - records[11]["loss"]) < 0.3 < 4.17 - records[12]["loss"]
+    manifest = open_checkpoint(str(run)).manifest
+    assert (manifest["n_workers"], manifest["shards"][0]["version"]) == (3, 5)
+    assert not np.array_equal(saved, final_params(run))
+
+
 # -- asp ---------------------------------------------------------------------------------------
 @pytest.mark.mpi
 @pytest.mark.timeout(120)
