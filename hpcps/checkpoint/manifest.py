@@ -140,7 +140,8 @@ def newest_verified(ckpt_dir: str, warn) -> Optional[tuple[str, dict]]:
 
 
 # -- does a checkpoint fit this run? ---------------------------------------------------------
-def _short(key: str, value) -> str:
+def short_value(key: str, value) -> str:
+    """``key=value`` for a one-line error; a sha256 cut to its first 12 digits."""
     if key.endswith("sha256") and isinstance(value, str):
         return f"{key}={value[:12]}"
     return f"{key}={value}"
@@ -160,6 +161,6 @@ def check_fits(path: str, manifest: dict, describe: dict, optimizer: str) -> Non
     current["optimizer"] = optimizer
     keys = mismatches(saved, current)
     if keys:
-        was = ", ".join(_short(k, saved.get(k)) for k in keys)
-        now = ", ".join(_short(k, current.get(k)) for k in keys)
+        was = ", ".join(short_value(k, saved.get(k)) for k in keys)
+        now = ", ".join(short_value(k, current.get(k)) for k in keys)
         raise UserError(f"checkpoint {path} was written for {was}; this run has {now}")

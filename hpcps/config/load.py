@@ -26,9 +26,12 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
 class Config:
     """Resolved configuration: ``cfg.train.lr``, ``cfg.out_dir``, ``cfg["train.lr"]``."""
 
-    def __init__(self, values: dict[str, Any], source: str = ""):
+    def __init__(self, values: dict[str, Any], source: str = "", given: Iterable[str] = ()):
         self._values = dict(values)
         self.source = source
+        # the keys the TOML file or the overrides set (the rest are defaults): a value
+        # taken from elsewhere (train.init_from's model shape) may replace only those not set
+        self.given = frozenset(given)
         for section in SECTION_HELP:
             if section:
                 setattr(self, section, SimpleNamespace())
@@ -47,7 +50,7 @@ class Config:
         values = dict(self._values)
         for k, v in changes.items():
             values[k.replace("__", ".")] = v
-        return Config(validate(values), self.source)
+        return Config(validate(values), self.source, self.given)
 
     def to_toml(self) -> str:
         return dump_toml(self._values)
@@ -206,7 +209,7 @@ def load_config(path: Optional[str], overrides: Iterable[str] = ()) -> Config:
             raise UserError(f"override {item!r} is not of the form key=value")
         fld = FIELDS[resolve_key(key.strip())]
         values[fld.key] = parse_override_value(text.strip())
-    return Config(validate(values), source=path or "")
+    return Config(validate(values), source=path or "", given=values)
 
 
 def default_config() -> Config:
