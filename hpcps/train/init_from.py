@@ -7,8 +7,10 @@ counter (0), the data stream and the run log. A run that resumes from its own
 checkpoint (``train.resume``) continues that instead; the shape is taken all the
 same, so such a run's checkpoints always fit it.
 
-A shape key the config sets to another value than the checkpoint's is a
-contradiction, not a choice: one line naming every such key. A corpus whose
+A shape key the command line sets to another value than the checkpoint's is a
+contradiction: one line naming every such key (exit 2). A config file's model keys
+are replaced with a note, so a config written for training from scratch still
+serves for fine-tuning. A corpus whose
 tokenizer (or vocabulary) differs from the one the weights were trained with
 makes the token ids mean other things: one line naming both.
 """
@@ -54,19 +56,29 @@ def open_initial(cfg) -> Optional[CheckpointReader]:
 
 
 def adopt_shape(cfg, initial: CheckpointReader):
-    """``cfg`` with the workload and model shape of ``initial``; a key the config sets to
-    something else is an error listing every such key."""
+    """(``cfg`` with the workload and model shape of ``initial``, notes). A shape key set on
+    the command line to something else is an error listing every such key; one the config
+    file sets is replaced, with a note line saying so (a config written for training from
+    scratch still serves for fine-tuning)."""
     saved = initial.config
-    workload = saved.workload
-    keys = ("workload",) + SHAPE_KEYS.get(workload, ())
-    clashes = [k for k in keys if k in cfg.given and cfg[k] != saved[k]]
+    keys = ("workload",) + SHAPE_KEYS.get(saved.workload, ())
+    differ = [k for k in keys if k in cfg.given and cfg[k] != saved[k]]
+    clashes = [k for k in differ if k in cfg.overridden]
     if clashes:
-        theirs = ", ".join(f"{k}={_text(saved[k])}" for k in clashes)
-        ours = ", ".join(f"{k}={_text(cfg[k])}" for k in clashes)
-        raise UserError(f"train.init_from {initial.path} holds a model with {theirs}, but the "
-                        f"config sets {ours}: remove {'these keys' if len(clashes) > 1 else 'it'}"
+        raise UserError(f"train.init_from {initial.path} holds a model with "
+                        f"{_settings(saved, clashes)}, but the command line sets "
+                        f"{_settings(cfg, clashes)}: drop {'these keys' if len(clashes) > 1 else 'it'}"
                         f" (the shape comes from the checkpoint) or start from scratch")
-    return cfg.replace(**{k.replace(".", "__"): saved[k] for k in keys})
+    notes = []
+    if differ:
+        notes.append(f"hpcps: note: train.init_from {initial.path} sets "
+                     f"{_settings(saved, differ)} (the config file {cfg.source} has "
+                     f"{_settings(cfg, differ)})")
+    return cfg.replace(**{k.replace(".", "__"): saved[k] for k in keys}), notes
+
+
+def _settings(cfg, keys) -> str:
+    return ", ".join(f"{k}={_text(cfg[k])}" for k in keys)
 
 
 def check_fits(initial: CheckpointReader, describe: dict, data_path: str) -> None:

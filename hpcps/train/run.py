@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -91,7 +92,9 @@ def setup(config_path, overrides, comm, quiet: bool) -> RunContext:
     cfg = load_config(config_path, overrides)
     initial = init_from.open_initial(cfg)
     if initial is not None:
-        cfg = init_from.adopt_shape(cfg, initial)
+        cfg, notes = init_from.adopt_shape(cfg, initial)
+        if comm.Get_rank() == 0 and notes and not quiet:
+            print("\n".join(notes), file=sys.stderr, flush=True)
     if cfg.train.tensorboard:
         require_tensorboard()
     digests = comm.allgather(cfg.digest())
