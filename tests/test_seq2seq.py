@@ -453,6 +453,25 @@ def test_bucketed_steps_weigh_tokens_equally_and_report_the_per_token_loss(mappi
                                    atol=1e-13)
 
 
+def test_the_run_log_holds_the_per_token_loss_with_length_buckets(mapping_corpus, tmp_path):
+    """Step 1's logged train loss is the mean cross-entropy per target token of step 0's
+    pairs under the initial parameters: the bucket's gradient scale does not show."""
+    from train_util import logged_losses, token_cross_entropy
+
+    from hpcps.workloads.seq2seq import build
+    cfg = s2s_cfg(mapping_corpus, "seq2seq.length_buckets=8", "train.max_steps=2",
+                  "train.eval_every=0", "train.eval_steps=1", "seq2seq.eval_pairs=0",
+                  "train.peak_flops=1e12")
+    logged = logged_losses(cfg, tmp_path / "run")
+    w = build(cfg, CPU)
+    params = w.layout.init_slice(cfg.train.seed)
+    src, src_len, tgt_in, tgt_out = w.train_batch(0, 0, cfg.train.batch_size)
+    expected = token_cross_entropy(w.model.logits(params, src, src_len, tgt_in), tgt_out)
+    assert len(logged) == 2 and logged[0] == pytest.approx(expected, rel=1e-5)
+    # negative control: step 0's bucket is weighted, so the scaled loss would show otherwise
+    assert abs(w.bucket_gradient_scales()[w.bucket_of_step(0)] - 1.0) > 0.05
+
+
 def test_shared_embeddings_need_a_joint_vocabulary_corpus(mapping_corpus, tmp_path):
     from hpcps.data.seqcorpus import SplitItems, write_sequence_corpus
     from hpcps.data.tokenizer import CharTokenizer
