@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 from mpi_util import QUIET_THREADS, run_command
 
-# two texts: the pretraining one, and a new one to fine-tune on (other words, same letters)
-PRETRAIN_TEXT = ("It was the best of times, it was the worst of times; it was the age of wisdom, "
-                 "it was the age of foolishness. ") * 80
+# two texts: the pretraining one, and a new one to fine-tune on, which the pretraining saw
+# a little of (as a published model has seen some text like the one it is tuned on)
 FINETUNE_TEXT = ("Call me Ishmael. Some years ago, never mind how long precisely, having little "
                  "money in my purse, I thought I would sail about a little. ") * 80
+PRETRAIN_TEXT = ("It was the best of times, it was the worst of times; it was the age of wisdom, "
+                 "it was the age of foolishness. ") * 80 + FINETUNE_TEXT[:1500]
 EOT = "<|endoftext|>"
 SHAPE = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
          "model.bias=true"]
