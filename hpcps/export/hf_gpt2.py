@@ -61,7 +61,8 @@ def tensor_map(n_layer: int, tied: bool) -> list[tuple[str, str, bool]]:
                              ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)):
             names.append((ours + a + ".w", theirs + b + ".weight", conv1d))   # Conv1D: (in, out)
             names.append((ours + a + ".b", theirs + b + ".bias", False))
-    names += [("lnf.w", "transformer.ln_f.weight", False), ("lnf.b", "transformer.ln_f.bias", False)]
+    names += [("lnf.w", "transformer.ln_f.weight", False),
+              ("lnf.b", "transformer.ln_f.bias", False)]
     if not tied:
         names.append(("lm_head.w", "lm_head.weight", False))
     return names

@@ -65,10 +65,11 @@ def adopt_shape(cfg, initial: CheckpointReader):
     differ = [k for k in keys if k in cfg.given and cfg[k] != saved[k]]
     clashes = [k for k in differ if k in cfg.overridden]
     if clashes:
+        them = "these keys" if len(clashes) > 1 else "it"
         raise UserError(f"train.init_from {initial.path} holds a model with "
                         f"{_settings(saved, clashes)}, but the command line sets "
-                        f"{_settings(cfg, clashes)}: drop {'these keys' if len(clashes) > 1 else 'it'}"
-                        f" (the shape comes from the checkpoint) or start from scratch")
+                        f"{_settings(cfg, clashes)}: drop {them} (the shape comes from the "
+                        f"checkpoint) or start from scratch")
     notes = []
     if differ:
         notes.append(f"hpcps: note: train.init_from {initial.path} sets "

@@ -13,9 +13,9 @@ scaled by the bucket's mean target length over the train split's, so a token wei
 about the same whatever its bucket (a step of long pairs makes a larger update).
 The scale stays inside the gradient: the loss the workload reports, logs and
 combines across workers is always the mean cross-entropy per target token. A
-worker's pairs are padded to the longest in its slice: source = tokens[:max_src_len - 1] + EOS, decoder input =
-BOS + tokens[:max_tgt_len - 1], decoder target = tokens[:max_tgt_len - 1] + EOS
-(-1 on padding). The loss is the mean over target tokens, weighted by their count.
+worker's pairs are padded to the longest in its slice: source = tokens[:max_src_len - 1]
++ EOS, decoder input = BOS + tokens[:max_tgt_len - 1], decoder target =
+tokens[:max_tgt_len - 1] + EOS (-1 on padding). The loss is the mean over target tokens, weighted by their count.
 
 Evaluation: eval item i is val pair i mod n_val (teacher-forced loss), and the
 first ``seq2seq.eval_pairs`` val pairs (at most n_val, those inside the item
