@@ -26,7 +26,7 @@ LAYERS = [
     {"runtime", "backend", "config"},
     {"gpu", "metrics", "optim"},
     {"model", "data"},
-    {"ps", "checkpoint", "workloads", "inference", "export"},
+    {"ps", "checkpoint", "workloads", "inference", "export", "importer"},
     {"train"},
     {"bench"},
     {"cli", "__main__"},

@@ -294,6 +294,24 @@ def test_workload_batches_are_independent_of_the_split(shakespeare_corpus):
     assert not np.allclose(g_all, (g_a + g_b) / 2, rtol=1e-6)
 
 
+def test_the_run_log_holds_the_masked_token_loss(shakespeare_corpus, tmp_path):
+    """Step 1's logged train loss is the mean cross-entropy per masked (predicted) token of
+    step 0's sequences under the initial parameters."""
+    from train_util import logged_losses, token_cross_entropy
+
+    from hpcps.workloads.bert import build
+    cfg = _bert_cfg(shakespeare_corpus, "train.max_steps=1", "train.eval_every=0",
+                    "train.eval_steps=1", "train.peak_flops=1e12")
+    logged = logged_losses(cfg, tmp_path / "run")
+    w = build(cfg, CPU)
+    params = w.layout.init_slice(cfg.train.seed)
+    inputs, targets = w.train_batch(0, 0, cfg.train.batch_size)
+    predicted = targets[targets != -1]
+    assert 0 < len(predicted) < targets.size                     # a share of the positions
+    expected = token_cross_entropy(w.model.logits(params, inputs, targets), predicted)
+    assert logged == [pytest.approx(expected, rel=1e-5)]
+
+
 def test_workload_config_errors(shakespeare_corpus, make_corpus):
     from hpcps.workloads.bert import build
     with pytest.raises(UserError, match="exceed 1"):

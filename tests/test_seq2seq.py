@@ -420,29 +420,56 @@ def test_length_buckets_draw_each_step_from_one_bucket(mapping_corpus):
     assert plain.train_indices(0, 0, 16).tolist() != w.train_indices(0, 0, 16).tolist()
 
 
-def test_bucketed_steps_weigh_tokens_equally(mapping_corpus):
-    """With buckets a step's gradient is its token-summed loss over the mean tokens of
-    a step, and workers still add up to one process exactly."""
+def test_bucketed_steps_weigh_tokens_equally_and_report_the_per_token_loss(mapping_corpus):
+    """With buckets a step's gradient is its per-token gradient scaled by its bucket's mean
+    target length over the split's; the loss reported (and logged) stays the plain mean
+    cross-entropy per target token, and workers still add up to one process exactly."""
     from hpcps.workloads.seq2seq import build
     w = build(s2s_cfg(mapping_corpus, "seq2seq.length_buckets=8"), CPU)
     plain = build(s2s_cfg(mapping_corpus), CPU)
+    order, bounds = w.length_buckets()
+    targets = np.minimum(w.corpus.split("train").lengths("tgt"), w.max_tgt - 1) + 1
+    scales = w.bucket_gradient_scales()
+    for b in range(8):
+        bucket = targets[order[bounds[b]:bounds[b + 1]]]
+        assert scales[b] == pytest.approx(bucket.mean() / targets.mean(), rel=1e-12)
+    assert scales[0] < 1.0 < scales[-1]                             # long buckets weigh more
     params = w.model.init_params(1).astype(np.float64)
-    mean_tokens = w.mean_lengths()[1]
     g_all, g_a, g_b, g_plain = (np.empty_like(params) for _ in range(4))
     for step in (3, 4):
+        scale = scales[w.bucket_of_step(step)]
+        assert abs(scale - 1.0) > 0.05                              # the scale is checked
         whole, a = w.train_batch(step, 0, 7), w.train_batch(step, 0, 3)
         b = w.train_batch(step, 3, 7)
         tokens = float((whole[3] != -1).sum())
         l_all, n_all = w.loss_and_grad(params, g_all, whole, step, 0)
         l_plain, _ = plain.loss_and_grad(params, g_plain, whole, step, 0)
-        scale = tokens / (7 * mean_tokens)
-        assert n_all == 7.0 and l_all == pytest.approx(l_plain * scale, rel=1e-12)
+        assert n_all == tokens and l_all == pytest.approx(l_plain, rel=1e-12)
         np.testing.assert_allclose(g_all, scale * g_plain, rtol=1e-10, atol=1e-15)
         l_a, n_a = w.loss_and_grad(params, g_a, a, step, 0)
         l_b, n_b = w.loss_and_grad(params, g_b, b, step, 3)
         assert l_all == pytest.approx((n_a * l_a + n_b * l_b) / (n_a + n_b), rel=1e-10)
         np.testing.assert_allclose(g_all, (n_a * g_a + n_b * g_b) / (n_a + n_b), rtol=1e-8,
                                    atol=1e-13)
+
+
+def test_the_run_log_holds_the_per_token_loss_with_length_buckets(mapping_corpus, tmp_path):
+    """Step 1's logged train loss is the mean cross-entropy per target token of step 0's
+    pairs under the initial parameters: the bucket's gradient scale does not show."""
+    from train_util import logged_losses, token_cross_entropy
+
+    from hpcps.workloads.seq2seq import build
+    cfg = s2s_cfg(mapping_corpus, "seq2seq.length_buckets=8", "train.max_steps=2",
+                  "train.eval_every=0", "train.eval_steps=1", "seq2seq.eval_pairs=0",
+                  "train.peak_flops=1e12")
+    logged = logged_losses(cfg, tmp_path / "run")
+    w = build(cfg, CPU)
+    params = w.layout.init_slice(cfg.train.seed)
+    src, src_len, tgt_in, tgt_out = w.train_batch(0, 0, cfg.train.batch_size)
+    expected = token_cross_entropy(w.model.logits(params, src, src_len, tgt_in), tgt_out)
+    assert len(logged) == 2 and logged[0] == pytest.approx(expected, rel=1e-5)
+    # negative control: step 0's bucket is weighted, so the scaled loss would show otherwise
+    assert abs(w.bucket_gradient_scales()[w.bucket_of_step(0)] - 1.0) > 0.05
 
 
 def test_shared_embeddings_need_a_joint_vocabulary_corpus(mapping_corpus, tmp_path):

@@ -101,6 +101,16 @@ def write_text_durable(path: str, text: str) -> dict:
     return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
+def commit(tmp: str, final: str, manifest: dict) -> None:
+    """Write the manifest into the finished ``tmp`` directory and rename it to ``final``:
+    the rename is the commit, so a crash before it leaves only a ``.tmp`` directory."""
+    write_json_durable(os.path.join(tmp, MANIFEST), manifest, indent=1)
+    fsync_dir(tmp)
+    remove_tree(final)  # a stale same-step checkpoint of an abandoned attempt
+    os.rename(tmp, final)
+    fsync_dir(os.path.dirname(final))
+
+
 def remove_tree(path: str) -> None:
     """Delete a directory; rename it to a ``.tmp`` name first so a crash half-way never
     leaves a committed-looking directory with files missing."""

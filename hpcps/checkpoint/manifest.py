@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Optional
 
+from hpcps import __version__
 from hpcps.checkpoint.files import (
     COMMITTED_RE,
     FORMAT_NAME,
@@ -21,6 +23,24 @@ from hpcps.errors import UserError
 
 REQUIRED_KEYS = ("format", "format_version", "step", "files", "shards", "workers", "describe",
                  "n_params", "optimizer", "state_names")
+
+
+def new_manifest(*, step: int, reason: dict, mode: str, world_size: int, n_servers: int,
+                 n_workers: int, layout, optimizer: str, state_names, shards: list,
+                 workers: list, files: dict, describe: dict, config: dict, **extra) -> dict:
+    """The manifest of a checkpoint about to be committed (docs/checkpoint-format.md);
+    ``extra`` keys are added as they are (e.g. ``imported`` by ``hpcps import``)."""
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "hpcps_version": __version__, "step": step,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "unix_time": time.time(),
+        "reason": reason, "mode": mode, "world_size": world_size,
+        "n_servers": n_servers, "n_workers": n_workers,
+        "n_params": layout.total, "optimizer": optimizer,
+        "state_names": list(state_names), "shards": shards, "workers": workers,
+        "files": files, "describe": describe, "layout": layout.describe(),
+        "config": config, **extra,
+    }
 
 
 class Damaged(Exception):
@@ -120,7 +140,8 @@ def newest_verified(ckpt_dir: str, warn) -> Optional[tuple[str, dict]]:
 
 
 # -- does a checkpoint fit this run? ---------------------------------------------------------
-def _short(key: str, value) -> str:
+def short_value(key: str, value) -> str:
+    """``key=value`` for a one-line error; a sha256 cut to its first 12 digits."""
     if key.endswith("sha256") and isinstance(value, str):
         return f"{key}={value[:12]}"
     return f"{key}={value}"
@@ -140,6 +161,6 @@ def check_fits(path: str, manifest: dict, describe: dict, optimizer: str) -> Non
     current["optimizer"] = optimizer
     keys = mismatches(saved, current)
     if keys:
-        was = ", ".join(_short(k, saved.get(k)) for k in keys)
-        now = ", ".join(_short(k, current.get(k)) for k in keys)
+        was = ", ".join(short_value(k, saved.get(k)) for k in keys)
+        now = ", ".join(short_value(k, current.get(k)) for k in keys)
         raise UserError(f"checkpoint {path} was written for {was}; this run has {now}")

@@ -22,6 +22,7 @@ from hpcps.checkpoint.manifest import (
     newest_verified,
     open_verified,
 )
+from hpcps.checkpoint.weights import is_weights_only
 from hpcps.config import load_config
 from hpcps.config.load import Config, validate
 from hpcps.errors import UserError
@@ -100,6 +101,10 @@ def find_resume(cfg, describe: dict, *, print_warnings: bool) -> Optional[Resume
         path, manifest = found
     else:
         path, manifest = _explicit(choice)
+    if is_weights_only(manifest):
+        raise UserError(f"checkpoint {path} holds weights only (no optimizer state to resume, "
+                        f"e.g. from `hpcps import`): start from it with train.init_from="
+                        f"{path} and a run directory of its own (out_dir)")
     check_fits(path, manifest, describe, optimizer_label(cfg))
     return ResumePoint(path, manifest)
 

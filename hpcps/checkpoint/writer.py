@@ -23,9 +23,8 @@ import threading
 import time
 from typing import Optional
 
-from hpcps import __version__
 from hpcps.checkpoint import files as F
-from hpcps.checkpoint.manifest import committed
+from hpcps.checkpoint.manifest import committed, new_manifest
 from hpcps.checkpoint.reader import ResumePoint, find_resume
 from hpcps.data.seqcorpus import checkpoint_tokenizer_text
 from hpcps.errors import UserError
@@ -347,23 +346,12 @@ class Checkpointer:
                 or shards[0]["lo"] != 0 or shards[-1]["hi"] != self.layout.total):
             raise RuntimeError(f"the saved shards {[(s['lo'], s['hi']) for s in shards]} do not "
                                f"tile [0, {self.layout.total})")
-        manifest = {
-            "format": F.FORMAT_NAME, "format_version": F.FORMAT_VERSION,
-            "hpcps_version": __version__, "step": step,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "unix_time": time.time(),
-            "reason": reason, "mode": self.roles.mode, "world_size": self.world_size,
-            "n_servers": self.roles.n_servers, "n_workers": self.roles.n_workers,
-            "n_params": self.layout.total, "optimizer": optimizer_label(self.cfg),
-            "state_names": list(self.state_names), "shards": shards, "workers": workers,
-            "files": files, "describe": self.describe, "layout": self.layout.describe(),
-            "config": self.cfg.as_dict(),
-        }
-        F.write_json_durable(os.path.join(tmp, F.MANIFEST), manifest, indent=1)
-        F.fsync_dir(tmp)
-        final = os.path.join(self.dir, F.step_dir_name(step))
-        F.remove_tree(final)  # a stale same-step checkpoint of an abandoned attempt
-        os.rename(tmp, final)
-        F.fsync_dir(self.dir)
+        manifest = new_manifest(
+            step=step, reason=reason, mode=self.roles.mode, world_size=self.world_size,
+            n_servers=self.roles.n_servers, n_workers=self.roles.n_workers, layout=self.layout,
+            optimizer=optimizer_label(self.cfg), state_names=self.state_names, shards=shards,
+            workers=workers, files=files, describe=self.describe, config=self.cfg.as_dict())
+        F.commit(tmp, os.path.join(self.dir, F.step_dir_name(step)), manifest)
 
     def _retire(self, step: int) -> None:
         """Keep the newest ``checkpoint.keep``; drop newer steps of an abandoned timeline."""

@@ -56,6 +56,10 @@ field("train.tensorboard", "bool", False,
       "(needs tensorboardX: pip install 'hpcps[tensorboard]').")
 field("train.resume", "str", "auto",
       "auto: newest committed checkpoint in checkpoint.dir; never; or a checkpoint path.")
+field("train.init_from", "str", "",
+      "Start from the weights of this checkpoint or run directory (e.g. one `hpcps import` wrote) "
+      "with a fresh optimizer and schedule at step 0; the model shape comes from it, and its "
+      "corpus must have the same tokenizer. A run that resumes from its own checkpoint ignores it.")
 field("train.peak_flops", "float", 0.0,
       "Peak FLOP/s per worker for MFU (0: measured with a matmul at start-up).", min=0.0)
 

@@ -26,9 +26,15 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
 class Config:
     """Resolved configuration: ``cfg.train.lr``, ``cfg.out_dir``, ``cfg["train.lr"]``."""
 
-    def __init__(self, values: dict[str, Any], source: str = ""):
+    def __init__(self, values: dict[str, Any], source: str = "", given: Iterable[str] = (),
+                 overridden: Iterable[str] = ()):
         self._values = dict(values)
         self.source = source
+        # the keys the TOML file or the overrides set (the rest are defaults), and those the
+        # overrides set: a value taken from elsewhere (train.init_from's model shape) may
+        # replace a default, replaces a file's value with a note, and never an override
+        self.given = frozenset(given)
+        self.overridden = frozenset(overridden)
         for section in SECTION_HELP:
             if section:
                 setattr(self, section, SimpleNamespace())
@@ -47,7 +53,7 @@ class Config:
         values = dict(self._values)
         for k, v in changes.items():
             values[k.replace("__", ".")] = v
-        return Config(validate(values), self.source)
+        return Config(validate(values), self.source, self.given, self.overridden)
 
     def to_toml(self) -> str:
         return dump_toml(self._values)
@@ -198,6 +204,7 @@ def read_toml(path: str) -> dict[str, Any]:
 
 def load_config(path: Optional[str], overrides: Iterable[str] = ()) -> Config:
     values: dict[str, Any] = {}
+    overridden = set()
     if path:
         values.update(flatten_toml(read_toml(path), path))
     for item in overrides:
@@ -206,7 +213,8 @@ def load_config(path: Optional[str], overrides: Iterable[str] = ()) -> Config:
             raise UserError(f"override {item!r} is not of the form key=value")
         fld = FIELDS[resolve_key(key.strip())]
         values[fld.key] = parse_override_value(text.strip())
-    return Config(validate(values), source=path or "")
+        overridden.add(fld.key)
+    return Config(validate(values), source=path or "", given=values, overridden=overridden)
 
 
 def default_config() -> Config:

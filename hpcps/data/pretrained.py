@@ -43,8 +43,10 @@ def _line_of(text: str, pattern: str) -> str:
 
 
 def _largest_id(text: str, spec: dict) -> tuple[int, str, str]:
-    """(largest id, its token, ' line N') over the model vocabulary and the added tokens."""
-    best = (-1, "", "")
+    """(largest id, its token, ' line N') over the model vocabulary and the added tokens.
+    The line is searched once, for the winner (a search per candidate is quadratic in a
+    tokenizer.json with many added tokens)."""
+    best = (-1, "", "")                  # (id, token, pattern that finds its line)
     model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
     vocab = model.get("vocab")
     if isinstance(vocab, dict):
@@ -52,14 +54,14 @@ def _largest_id(text: str, spec: dict) -> tuple[int, str, str]:
             if isinstance(idx, int) and idx > best[0]:
                 best = (idx, token, "")
         if best[0] >= 0:
-            best = best[:2] + (_line_of(text, re.escape(json.dumps(best[1])) + rf"\s*:\s*{best[0]}\b"),)
+            best = best[:2] + (re.escape(json.dumps(best[1])) + rf"\s*:\s*{best[0]}\b",)
     elif isinstance(vocab, list):        # Unigram: [piece, score] pairs, id = index
         best = (len(vocab) - 1, str(vocab[-1][0]) if vocab and vocab[-1] else "", "")
     for entry in spec.get("added_tokens") or []:
         idx = entry.get("id") if isinstance(entry, dict) else None
         if isinstance(idx, int) and idx > best[0]:
-            best = (idx, str(entry.get("content")), _line_of(text, rf'"id"\s*:\s*{idx}\b'))
-    return best
+            best = (idx, str(entry.get("content")), rf'"id"\s*:\s*{idx}\b')
+    return best[0], best[1], _line_of(text, best[2]) if best[2] else ""
 
 
 def load_tokenizer_file(path: str, eot: Optional[str] = None) -> HFTokenizer:

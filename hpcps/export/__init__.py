@@ -13,12 +13,12 @@ Output appears only when complete: it is written under a temporary name and rena
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 
 from hpcps.checkpoint import open_checkpoint
 from hpcps.errors import UserError
 from hpcps.export import hf_gpt2, npz
+from hpcps.runtime.files import check_output_target, write_directory
 
 FORMATS = ("hf-gpt2", "npz")
 
@@ -37,7 +37,7 @@ def export_checkpoint(path: str, fmt: str, out: str, overwrite: bool = False) ->
     ck = open_checkpoint(path)
     if fmt == "hf-gpt2":
         hf_gpt2.check_representable(ck)      # before anything is created
-        files = _write_dir(out, overwrite, lambda tmp: hf_gpt2.export(ck, tmp))
+        files = write_directory(out, overwrite, lambda tmp: hf_gpt2.export(ck, tmp))
         return ExportResult(out, files, ck.step, ck.path)
     if not out.endswith(".npz"):
         out += ".npz"
@@ -45,38 +45,8 @@ def export_checkpoint(path: str, fmt: str, out: str, overwrite: bool = False) ->
     return ExportResult(out, keys, ck.step, ck.path)
 
 
-def _check_target(out: str, overwrite: bool, want_dir: bool) -> None:
-    if not os.path.exists(out):
-        parent = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(parent):
-            raise UserError(f"output {out}: directory {parent} does not exist")
-        return
-    if want_dir and not os.path.isdir(out):
-        raise UserError(f"output {out} exists and is not a directory")
-    if not want_dir and os.path.isdir(out):
-        raise UserError(f"output {out} is a directory; give a .npz file name")
-    if not overwrite and not (want_dir and not os.listdir(out)):
-        raise UserError(f"output {out} already exists (use --overwrite to replace it)")
-
-
-def _write_dir(out: str, overwrite: bool, write) -> list:
-    _check_target(out, overwrite, want_dir=True)
-    tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        files = write(tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return files
-
-
 def _write_file(out: str, overwrite: bool, write) -> list:
-    _check_target(out, overwrite, want_dir=False)
+    check_output_target(out, overwrite, want_dir=False)
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:

@@ -1,9 +1,8 @@
 """Export a GPT checkpoint as a Hugging Face ``GPT2LMHeadModel`` directory.
 
-Writes ``model.safetensors`` (fp32), ``config.json``, the tokenizer and a
-README. The safetensors file is written here (an 8-byte little-endian header
-length, a JSON header, then the raw little-endian tensors), so no extra
-package is needed.
+Writes ``model.safetensors`` (fp32, by ``hpcps.data.safetensors``: no extra
+package needed), ``config.json``, the tokenizer and a README. ``hpcps import``
+reads such directories back through the same name table (``tensor_map``).
 
 Mapping from our layout (Linear weights are (out, in); GPT-2's Conv1D stores
 (in, out), so every block matrix is transposed):
@@ -24,63 +23,21 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import struct
-from typing import Optional
 
 import numpy as np
 
+from hpcps.data.safetensors import write_safetensors
 from hpcps.errors import UserError
 from hpcps.inference.gpt import build_gpt, checkpoint_workload, require_gpt
 from hpcps.model.layers import layernorm_linear_forward
 
 # our GPT's GELU is the tanh approximation (hpcps.model.layers.gelu_forward): GPT-2's "gelu_new"
 ACTIVATION = "gelu_new"
-SAFETENSORS_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64"}
 
 
 def layer_norm_eps() -> float:
     """The epsilon our GPT's LayerNorms use (the default of the fused kernel it calls)."""
     return float(inspect.signature(layernorm_linear_forward).parameters["eps"].default)
-
-
-# -- safetensors -------------------------------------------------------------------------------
-def write_safetensors(path: str, tensors: dict, metadata: Optional[dict] = None) -> None:
-    header: dict = {"__metadata__": dict(metadata or {})}
-    offset = 0
-    arrays = []
-    for name, array in tensors.items():
-        array = np.asarray(array)     # (tobytes() below writes C order from any layout)
-        dtype = array.dtype.newbyteorder("<")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name}: dtype {array.dtype} is not supported here")
-        array = array.astype(dtype, copy=False)
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        arrays.append(array)
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)     # tensor data starts 8-byte aligned
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for array in arrays:
-            fh.write(array.tobytes())
-
-
-def read_safetensors(path: str) -> tuple[dict, dict]:
-    """(tensors, metadata) of a file written by ``write_safetensors`` (or any F32/F16/I64 one)."""
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(size))
-        data = fh.read()
-    metadata = header.pop("__metadata__", {})
-    tensors = {}
-    for name, info in header.items():
-        lo, hi = info["data_offsets"]
-        tensors[name] = np.frombuffer(data[lo:hi], dtype=names[info["dtype"]]).reshape(
-            info["shape"])
-    return tensors, metadata
 
 
 # -- the GPT-2 mapping -------------------------------------------------------------------------
@@ -93,29 +50,34 @@ def check_representable(ck) -> dict:
     return require_gpt(ck, "--format hf-gpt2")
 
 
-def gpt2_tensors(model, params: np.ndarray) -> dict:
-    """Our flat buffer as GPT-2 state-dict tensors (fp32, GPT-2's names and orientation)."""
-    views = model.layout.views(np.asarray(params, dtype=np.float32))
-    c = model.n_embd
-
-    def bias(name: str, size: int) -> np.ndarray:
-        return views[name] if name in views else np.zeros(size, dtype=np.float32)
-
-    out = {"transformer.wte.weight": views["wte"], "transformer.wpe.weight": views["wpe"]}
-    for i in range(model.n_layer):
+def tensor_map(n_layer: int, tied: bool) -> list[tuple[str, str, bool]]:
+    """(our name, GPT-2's name, transposed?) of every tensor of a GPT-2 state dict, in its
+    order: the one table both directions (export and ``hpcps import``) read."""
+    names = [("wte", "transformer.wte.weight", False), ("wpe", "transformer.wpe.weight", False)]
+    for i in range(n_layer):
         ours, theirs = f"h{i}.", f"transformer.h.{i}."
-        for a, b in (("ln1", "ln_1"), ("ln2", "ln_2")):
-            out[theirs + b + ".weight"] = views[ours + a + ".w"]
-            out[theirs + b + ".bias"] = bias(ours + a + ".b", c)
-        for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                     ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-            weight = views[ours + a + ".w"]
-            out[theirs + b + ".weight"] = weight.T          # Conv1D: (in, out)
-            out[theirs + b + ".bias"] = bias(ours + a + ".b", weight.shape[0])
-    out["transformer.ln_f.weight"] = views["lnf.w"]
-    out["transformer.ln_f.bias"] = bias("lnf.b", c)
-    if not model.tie_embeddings:
-        out["lm_head.weight"] = views["lm_head.w"]
+        for a, b, conv1d in (("ln1", "ln_1", False), ("attn.qkv", "attn.c_attn", True),
+                             ("attn.proj", "attn.c_proj", True), ("ln2", "ln_2", False),
+                             ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)):
+            names.append((ours + a + ".w", theirs + b + ".weight", conv1d))   # Conv1D: (in, out)
+            names.append((ours + a + ".b", theirs + b + ".bias", False))
+    names += [("lnf.w", "transformer.ln_f.weight", False),
+              ("lnf.b", "transformer.ln_f.bias", False)]
+    if not tied:
+        names.append(("lm_head.w", "lm_head.weight", False))
+    return names
+
+
+def gpt2_tensors(model, params: np.ndarray) -> dict:
+    """Our flat buffer as GPT-2 state-dict tensors (fp32, GPT-2's names and orientation);
+    a model without biases gets zeros (GPT-2 always has them)."""
+    views = model.layout.views(np.asarray(params, dtype=np.float32))
+    out = {}
+    for ours, theirs, transposed in tensor_map(model.n_layer, model.tie_embeddings):
+        if ours in views:
+            out[theirs] = views[ours].T if transposed else views[ours]
+        else:   # a bias: as long as its layer's output
+            out[theirs] = np.zeros(views[ours[:-1] + "w"].shape[0], dtype=np.float32)
     return out
 
 

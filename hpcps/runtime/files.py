@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 from hpcps.errors import UserError
@@ -20,3 +21,38 @@ def check_writable(path: str, what: str = "output") -> None:
             pass
     except OSError as err:
         raise UserError(f"cannot write {what} {path}: {err.strerror or err}") from None
+
+
+def check_output_target(out: str, overwrite: bool, want_dir: bool) -> None:
+    """A ``UserError`` unless ``out`` may be written: its folder exists, and it is absent,
+    an empty directory (``want_dir``), or ``overwrite`` is given."""
+    if not os.path.exists(out):
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise UserError(f"output {out}: directory {parent} does not exist")
+        return
+    if want_dir and not os.path.isdir(out):
+        raise UserError(f"output {out} exists and is not a directory")
+    if not want_dir and os.path.isdir(out):
+        raise UserError(f"output {out} is a directory; give a file name")
+    if not overwrite and not (want_dir and not os.listdir(out)):
+        raise UserError(f"output {out} already exists (use --overwrite to replace it)")
+
+
+def write_directory(out: str, overwrite: bool, write):
+    """``write(tmp)`` fills a fresh temporary directory beside ``out``, which then replaces
+    ``out`` by a rename: a failure half-way leaves no partial output. Returns what
+    ``write`` returned."""
+    check_output_target(out, overwrite, want_dir=True)
+    tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        files = write(tmp)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -20,7 +21,7 @@ import numpy as np
 
 from hpcps import __version__
 from hpcps.backend import CPU, Backend, get_backend, gpu_slot, visible_gpus
-from hpcps.checkpoint import Checkpointer, ResumePoint
+from hpcps.checkpoint import CheckpointReader, Checkpointer, ResumePoint
 from hpcps.config import load_config
 from hpcps.errors import EXIT_FAILURE, EXIT_USAGE, UserError
 from hpcps.gpu import configure
@@ -38,6 +39,7 @@ from hpcps.ps.shards import ShardSet
 from hpcps.ps.update_rules import rule_memory_bytes
 from hpcps.runtime import signals
 from hpcps.runtime.mpi import abort, agree_on_errors, cuda_aware_mpi, library_info, mpi
+from hpcps.train import init_from
 from hpcps.train.local_sync import LocalStepsSync, replica_memory_bytes
 from hpcps.train.loop import Trainer
 from hpcps.train.peak import job_peak_flops
@@ -57,6 +59,7 @@ class RunContext:
     checkpointer: Optional[Checkpointer]
     resume: Optional[ResumePoint]     # the checkpoint this run continues from, if any
     quiet: bool
+    initial: Optional[CheckpointReader] = None   # train.init_from's weights (a fresh run only)
 
     @property
     def start_step(self) -> int:
@@ -89,6 +92,11 @@ def train_main(config_path, overrides, quiet: bool = False) -> int:
 def setup(config_path, overrides, comm, quiet: bool) -> RunContext:
     """Collective: every rank resolves the same config, roles, workload and resume point."""
     cfg = load_config(config_path, overrides)
+    initial = init_from.open_initial(cfg)
+    if initial is not None:
+        cfg, notes = init_from.adopt_shape(cfg, initial)
+        if comm.Get_rank() == 0 and notes and not quiet:
+            print("\n".join(notes), file=sys.stderr, flush=True)
     if cfg.train.tensorboard:
         require_tensorboard()
     digests = comm.allgather(cfg.digest())
@@ -104,9 +112,13 @@ def setup(config_path, overrides, comm, quiet: bool) -> RunContext:
     check_fragments(cfg, workload.layout)
     checkpointer = Checkpointer(cfg, roles, workload.layout, workload.describe())
     resume = checkpointer.find_resume()
+    if resume is not None:
+        initial = None                      # its own checkpoint holds where the run is
+    elif initial is not None:
+        init_from.check_fits(initial, workload.describe(), cfg.data.path)
     if comm.Get_rank() == 0:
         _prepare_run_dir(cfg)
-    return RunContext(cfg, roles, backend, workload, checkpointer, resume, quiet)
+    return RunContext(cfg, roles, backend, workload, checkpointer, resume, quiet, initial)
 
 
 def _worker_backend(cfg, roles: Roles, comm) -> Backend:
@@ -152,6 +164,9 @@ def banner(ctx: RunContext, extra: str = "") -> None:
              f"{ctx.workload.layout.total:,} params | device {ctx.cfg.device}"]
     if ctx.resume is not None:
         lines.append(f"resuming from {ctx.resume.path} (step {ctx.resume.step})")
+    elif ctx.initial is not None:
+        lines.append(f"starting from the weights of {ctx.initial.path} (train.init_from; fresh "
+                     f"optimizer and schedule at step 0)")
     if extra:
         lines.append(extra)
     print("\n".join(lines), flush=True)
@@ -210,7 +225,7 @@ def run_server(ctx: RunContext, shards: ShardSet) -> int:
         if ctx.roles.mode == "bsp" and not local:  # one update per step (asp counts pushes,
             version = ctx.resume.step              # local steps count rounds)
     else:
-        params, version = layout.init_slice(cfg.train.seed, lo, hi), 0
+        params, version = initial_params(ctx, lo, hi), 0
 
     def save(reason, comm, shard) -> None:
         ctx.checkpointer.save(reason["step"], shard=shard, worker=None, reason=reason, comm=comm)
@@ -219,6 +234,14 @@ def run_server(ctx: RunContext, shards: ShardSet) -> int:
                  lr_fn=(lambda version: outer_lr) if local else lr_schedule(cfg),
                  params=params, version=version, save=save, split=_saved_split(ctx),
                  max_norm=0.0 if local else None)   # deltas are not clipped: inner steps were
+
+
+def initial_params(ctx: RunContext, lo: int, hi: int) -> np.ndarray:
+    """Parameters [lo, hi) a fresh run starts from: train.init_from's, or the seeded
+    initialisation."""
+    if ctx.initial is not None:
+        return ctx.initial.load_shard(lo, hi)["params"]
+    return ctx.workload.layout.init_slice(ctx.cfg.train.seed, lo, hi)
 
 
 def run_worker(ctx: RunContext, shards: Optional[ShardSet]) -> int:
@@ -279,7 +302,7 @@ def _strategy(ctx: RunContext, shards: Optional[ShardSet], lr_fn, saved: dict):
         return sync, params, grads
     # single / allreduce: a replica of params and optimizer state on every rank
     shard = ctx.resume.load_shard(0, layout.total) if ctx.resume is not None else None
-    host = shard["params"] if shard is not None else layout.init_slice(cfg.train.seed)
+    host = shard["params"] if shard is not None else initial_params(ctx, 0, layout.total)
     params = backend.asarray(host) if backend.is_gpu else host
     grads = layout.new_buffer(backend.xp)
     if roles.mode == "single":

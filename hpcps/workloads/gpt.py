@@ -67,11 +67,8 @@ class TokenStreamWorkload(Workload):
 
     def describe_stream(self, vocab_size: int) -> dict:
         """The checkpoint description both transformers share: shape and tokenizer."""
-        m = self.cfg.model
-        return {"workload": self.name, "n_params": self.layout.total, "vocab_size": vocab_size,
-                "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd,
-                "block_size": m.block_size, "bias": m.bias, "tokenizer": self.tokenizer.kind,
-                "tokenizer_sha256": hashlib.sha256(self.tokenizer.to_json().encode()).hexdigest()}
+        return stream_description(self.name, self.cfg.model, self.layout.total, vocab_size,
+                                  self.tokenizer)
 
 
 class GPTWorkload(TokenStreamWorkload):
@@ -133,8 +130,23 @@ class GPTWorkload(TokenStreamWorkload):
         return {"wte": np.unique(batch[0])}
 
     def describe(self):
-        return {**self.describe_stream(self.vocab_size),
-                "tie_embeddings": self.cfg.model.tie_embeddings}
+        return gpt_description(self.cfg.model, self.layout.total, self.vocab_size,
+                               self.tokenizer)
+
+
+def stream_description(workload: str, m, n_params: int, vocab_size: int, tokenizer) -> dict:
+    """A token-stream transformer's checkpoint description (``m``: the ``model`` config)."""
+    return {"workload": workload, "n_params": n_params, "vocab_size": vocab_size,
+            "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd,
+            "block_size": m.block_size, "bias": m.bias, "tokenizer": tokenizer.kind,
+            "tokenizer_sha256": hashlib.sha256(tokenizer.to_json().encode()).hexdigest()}
+
+
+def gpt_description(m, n_params: int, vocab_size: int, tokenizer) -> dict:
+    """What a GPT checkpoint records of its model, also for weights from ``hpcps import``
+    (which must look exactly like a GPT trained on a corpus of that tokenizer)."""
+    return {**stream_description(GPTWorkload.name, m, n_params, vocab_size, tokenizer),
+            "tie_embeddings": m.tie_embeddings}
 
 
 def build(cfg, backend, corpus=None):

@@ -8,11 +8,14 @@ three ids appended: PAD = V, BOS = V + 1, EOS = V + 2 (V the tokenizer's size).
 Item i of step t is train pair ``offsets(seed, TRAIN_STREAM, t, i, n_train)``,
 so W workers x b equals one process x W b. With ``seq2seq.length_buckets`` the
 step first picks a bucket of similar-length pairs (from (seed, t) alone) and its
-items come from that bucket; such a step's gradient is its token-summed loss over
-the mean tokens of a step, so every token weighs the same whatever its bucket. A worker's pairs are padded to the
-longest in its slice: source = tokens[:max_src_len - 1] + EOS, decoder input =
-BOS + tokens[:max_tgt_len - 1], decoder target = tokens[:max_tgt_len - 1] + EOS
-(-1 on padding). The loss is the mean over target tokens, weighted by their count.
+items come from that bucket; such a step's gradient is its mean target-token loss
+scaled by the bucket's mean target length over the train split's, so a token weighs
+about the same whatever its bucket (a step of long pairs makes a larger update).
+The scale stays inside the gradient: the loss the workload reports, logs and
+combines across workers is always the mean cross-entropy per target token. A
+worker's pairs are padded to the longest in its slice: source = tokens[:max_src_len - 1]
++ EOS, decoder input = BOS + tokens[:max_tgt_len - 1], decoder target =
+tokens[:max_tgt_len - 1] + EOS (-1 on padding). The loss is the mean over target tokens, weighted by their count.
 
 Evaluation: eval item i is val pair i mod n_val (teacher-forced loss), and the
 first ``seq2seq.eval_pairs`` val pairs (at most n_val, those inside the item
@@ -134,6 +137,7 @@ class Seq2SeqWorkload(Workload):
         self.n_buckets = sc.length_buckets
         self._mean_lengths = None
         self._buckets = None
+        self._bucket_scales = None
 
     # -- data --------------------------------------------------------------------------
 
@@ -159,18 +163,22 @@ class Seq2SeqWorkload(Workload):
         if self.n_buckets <= 1:
             return offsets(self.seed, TRAIN_STREAM, step, lo, hi, self.n_train)
         order, bounds = self.length_buckets()
-        anchor = int(offsets(self.seed, BUCKET_STREAM, step, 0, 1, self.n_train)[0])
-        b = int(np.searchsorted(bounds, anchor, side="right")) - 1
+        b = self.bucket_of_step(step)
         start, size = bounds[b], bounds[b + 1] - bounds[b]
         return order[start + offsets(self.seed, TRAIN_STREAM, step, lo, hi, size)]
+
+    def bucket_of_step(self, step: int) -> int:
+        """The length bucket ``step`` draws from: the bucket of one pair drawn uniformly
+        from (seed, step) alone, so every worker agrees without talking."""
+        _, bounds = self.length_buckets()
+        anchor = int(offsets(self.seed, BUCKET_STREAM, step, 0, 1, self.n_train)[0])
+        return int(np.searchsorted(bounds, anchor, side="right")) - 1
 
     def length_buckets(self) -> tuple[np.ndarray, np.ndarray]:
         """(train pair indices sorted by padded length, bucket bounds into that order):
         ``seq2seq.length_buckets`` buckets of (nearly) equal size."""
         if self._buckets is None:
-            part = self.corpus.split("train")
-            src = np.minimum(part.lengths("src"), self.max_src - 1)
-            tgt = np.minimum(part.lengths("tgt"), self.max_tgt - 1)
+            src, tgt = self._train_positions()
             # sort by the longer side's cost, then the other: neighbours pad to each other
             order = np.lexsort((tgt, src + tgt)).astype(np.int64)
             n = min(self.n_buckets, self.n_train)
@@ -178,12 +186,27 @@ class Seq2SeqWorkload(Workload):
             self._buckets = (order, bounds)
         return self._buckets
 
+    def bucket_gradient_scales(self) -> np.ndarray:
+        """Per bucket: its mean target positions over the train split's mean, the factor
+        its steps' per-token gradient is scaled by (so a token counts about the same in a
+        step of short pairs as in one of long pairs)."""
+        if self._bucket_scales is None:
+            order, bounds = self.length_buckets()
+            tgt = self._train_positions()[1][order]
+            means = np.array([tgt[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])])
+            self._bucket_scales = means / self.mean_lengths()[1]
+        return self._bucket_scales
+
+    def _train_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Source and target positions of every train pair after truncation, with EOS / BOS."""
+        part = self.corpus.split("train")
+        return (np.minimum(part.lengths("src"), self.max_src - 1) + 1,
+                np.minimum(part.lengths("tgt"), self.max_tgt - 1) + 1)
+
     def mean_lengths(self) -> tuple[float, float]:
         """Mean (source, target) positions of a train pair after truncation, with EOS / BOS."""
         if self._mean_lengths is None:
-            part = self.corpus.split("train")
-            src = np.minimum(part.lengths("src"), self.max_src - 1) + 1
-            tgt = np.minimum(part.lengths("tgt"), self.max_tgt - 1) + 1
+            src, tgt = self._train_positions()
             self._mean_lengths = (float(src.mean()), float(tgt.mean()))
         return self._mean_lengths
 
@@ -200,18 +223,13 @@ class Seq2SeqWorkload(Workload):
             keys = sequence_keys(self.seed, DROPOUT_STREAM, step, lo, lo + len(src))
         d = self._device
         n_tokens = float((tgt_out != -1).sum())
-        if self.n_buckets <= 1:
-            loss = self.model.forward_backward(params, grads, d(src), d(src_len), d(tgt_in),
-                                               d(tgt_out), dropout_keys=keys)
-            return loss, n_tokens
-        # A bucket's steps hold many or few tokens; each step still makes one update. So
-        # that a token counts the same in a short step as in a long one, the gradient is
-        # the step's token-summed loss over the tokens a step holds on average.
-        scale = n_tokens / (len(src) * self.mean_lengths()[1])
+        scale = 1.0
+        if self.n_buckets > 1:
+            scale = float(self.bucket_gradient_scales()[self.bucket_of_step(step)])
         loss = self.model.forward_backward(params, grads, d(src), d(src_len), d(tgt_in),
                                            d(tgt_out), dropout_keys=keys, loss_scale=scale,
                                            on_grad_ready=on_grad_ready)
-        return loss * scale, float(len(src))
+        return loss, n_tokens
 
     def touched_rows(self, batch):
         if self.model.share_embeddings:
