@@ -138,7 +138,10 @@ field("ps.outer_lr", "float", 0.7,
       "Local steps: the outer learning rate (constant). DiLoCo used 0.7 with 8 workers and "
       "H = 500; see docs/benchmarks.md for this project's measurements.",
       min=0.0, min_exclusive=True)
-field("ps.outer_momentum", "float", 0.9, "Local steps: the outer momentum.", min=0.0, max=1.0,
+field("ps.outer_momentum", "float", 0.9,
+      "Local steps: the outer momentum. In asp the deltas are computed on params up to a group "
+      "old and 0.9 costs val: 0.7 with ps.outer_lr 0.5 measured best (docs/benchmarks.md).",
+      min=0.0, max=1.0,
       check=lambda v: None if v < 1.0 else "must be below 1")
 field("ps.outer_buffer", "int_or_auto", AUTO,
       "Local steps in asp, nesterov: delayed Nesterov's N. Each delta is applied on arrival "
