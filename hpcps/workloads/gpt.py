@@ -85,7 +85,8 @@ class GPTWorkload(TokenStreamWorkload):
         self.block_size = m.block_size
         self.model = GPT(vocab_size=self.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
                          n_embd=m.n_embd, block_size=m.block_size, bias=m.bias, dropout=m.dropout,
-                         tie_embeddings=m.tie_embeddings, backend=backend)
+                         tie_embeddings=m.tie_embeddings, backend=backend,
+                         recompute=cfg.train.recompute)
         self.layout = self.model.layout
         self.tokens_per_item = m.block_size
         self.seed = cfg.train.seed
