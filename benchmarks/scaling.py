@@ -24,7 +24,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hpcps.bench.cost_model import Layout, Machine, fit, measure_update, predict_step_s
+from hpcps.bench.cost_model import (
+    CLUSTER,
+    Layout,
+    Machine,
+    cluster_machine,
+    fit,
+    link_seconds,
+    measure_update,
+    predict_step_s,
+)
 
 # (workers, servers, elements, compute ms, path): 3..34 ranks on 2 cores
 GRID = [(w, s, p, c, path)
@@ -51,15 +60,6 @@ def measure(point, steps: int, warmup: int, root: Path) -> float:
     return statistics.median(r["step_s"] for r in records if r["step"] > warmup)
 
 
-# A cluster the model predicts (docs/scaling.md): 64 nodes x 4 GPUs (one worker each) and one
-# CPU server per node, GPT-2 124M, 100 Gb/s links. Link costs are assumed, not fitted: RDMA
-# round trip 5 us, 1 us of a server's time per worker's atomics, no core sharing; a worker's
-# forward + backward of 12 x 1024 tokens: 6 x 124e6 x 12288 FLOP at 40 % of 312 TFLOP/s ~ 73 ms.
-CLUSTER = {"nodes": 64, "gpus_per_node": 4, "elements": 124_439_808, "compute_s": 0.073,
-           "link_bytes_per_s": 100e9 / 8, "atomic_s": 5e-6, "serve_s": 1e-6,
-           "node_reduce_bytes_per_s": 20e9}
-
-
 def cluster_table(fitted: Machine) -> None:
     """Predicted step time on ``CLUSTER`` with this machine's fitted server CPU costs.
 
@@ -73,16 +73,12 @@ def cluster_table(fitted: Machine) -> None:
     for servers in (c["nodes"] // 2, c["nodes"]):
         for hierarchy in (False, True):
             for push_bytes in (4, 2):
-                per_byte = (1.0 + push_bytes / 4.0) / 2.0 / c["link_bytes_per_s"]
-                m = Machine(overhead=fitted.overhead, update=fitted.update,
-                            decode=fitted.decode, node_byte=1.0 / c["node_reduce_bytes_per_s"],
-                            per_byte={"ib": per_byte}, atomic={"ib": c["atomic_s"]},
-                            wait={"ib": 0.0}, serve={"ib": c["serve_s"]})
+                m = cluster_machine(fitted, push_bytes)
                 layout = Layout(workers=workers, servers=servers, nodes=c["nodes"],
                                 elements=c["elements"], compute_s=c["compute_s"], path="ib",
                                 cores=64, hierarchy=hierarchy)
                 total = predict_step_s(layout, m)
-                link = 2.0 * layout.pushers * (c["elements"] / servers) * 4.0 * per_byte
+                link = link_seconds(layout, m)
                 print(f"  servers={servers:3d} hierarchy={'node' if hierarchy else 'none':4s} "
                       f"push={'bf16' if push_bytes == 2 else 'fp32'}: step {1e3 * total:5.0f} ms, "
                       f"busiest link {1e3 * link:4.0f} ms, compute share "

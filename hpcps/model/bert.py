@@ -46,6 +46,7 @@ from hpcps.model.layers import (
     layernorm_linear_forward,
 )
 from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
+from hpcps.model.memory import TransformerShape, model_bytes
 from hpcps.model.recompute import BlockActivations, check_recompute
 from hpcps.model.workspace import Workspace, scratch
 
@@ -161,6 +162,14 @@ class BertMLM:
         ws = Workspace(self.xp, reuse=False)
         logits, _, _ = self._forward(self.layout.views(params), idx, targets, None, ws)
         return logits.copy()
+
+    def memory_bytes(self, batch: int, mask_prob: float, recompute: Optional[str] = None) -> dict:
+        """{term: bytes} of a training step, from the GPT block count (same blocks, no
+        causal mask; the head sees only the ``mask_prob`` share of tokens)."""
+        shape = TransformerShape(self.n_layer, self.n_head, self.n_embd, self.block_size,
+                                 self.vocab_size, self.bias, self.dropout, causal=False,
+                                 logit_rows=mask_prob)
+        return model_bytes(shape, [batch], recompute or self.recompute, self.layout.total)
 
     def flops_per_token(self) -> float:
         """6 x (block and head matmul parameters) + attention; the head runs on ~mask_prob of

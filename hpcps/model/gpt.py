@@ -43,6 +43,7 @@ from hpcps.model.layers import (
     linear_forward,
 )
 from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
+from hpcps.model.memory import TransformerShape, model_bytes
 from hpcps.model.recompute import BlockActivations, check_recompute
 from hpcps.model.workspace import Workspace
 
@@ -174,6 +175,15 @@ class GPT:
         if not self.tie_embeddings:
             n -= self.layout["wte"].size
         return 6.0 * n + 12.0 * self.n_layer * self.n_embd * self.block_size
+
+    def memory_bytes(self, batch: int, recompute: Optional[str] = None) -> dict:
+        """{term: bytes} a training step over ``batch`` sequences holds beyond the params and
+        grads buffers (activations, logits, scratch, extra shard gradients), with this
+        model's recomputation or the one given."""
+        shape = TransformerShape(self.n_layer, self.n_head, self.n_embd, self.block_size,
+                                 self.vocab_size, self.bias, self.dropout)
+        sizes = [sl.stop - sl.start for sl in self._shard_slices(batch)]
+        return model_bytes(shape, sizes, recompute or self.recompute, self.layout.total)
 
     # -- batch shards in threads (CPU) ---------------------------------------------------
 

@@ -38,6 +38,7 @@ from hpcps.ps.update_rules import rule_memory_bytes
 from hpcps.runtime import signals
 from hpcps.runtime.mpi import abort, agree_on_errors, cuda_aware_mpi, library_info, mpi
 from hpcps.train.loop import Trainer
+from hpcps.train.memory import check_job_memory, describe_estimates, describe_peaks, peak_report
 from hpcps.train.peak import job_peak_flops
 from hpcps.train.ps_sync import PSSync
 from hpcps.train.sync import AllreduceSync, LocalSync
@@ -55,6 +56,7 @@ class RunContext:
     checkpointer: Optional[Checkpointer]
     resume: Optional[ResumePoint]     # the checkpoint this run continues from, if any
     quiet: bool
+    memory: Optional[list] = None     # every rank's estimate (hpcps.train.memory)
 
     @property
     def start_step(self) -> int:
@@ -70,6 +72,8 @@ def train_main(config_path, overrides, quiet: bool = False) -> int:
     comm = mpi().COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     ctx = agree_on_errors(comm, lambda: setup(config_path, overrides, comm, quiet))
+    ctx.memory = agree_on_errors(comm, lambda: check_job_memory(ctx.cfg, ctx.roles, ctx.workload,
+                                                                ctx.roles.comm))
     try:
         return run(ctx)
     except UserError as err:
@@ -149,6 +153,8 @@ def banner(ctx: RunContext, extra: str = "") -> None:
              f"{ctx.workload.layout.total:,} params | device {ctx.cfg.device}"]
     if ctx.resume is not None:
         lines.append(f"resuming from {ctx.resume.path} (step {ctx.resume.step})")
+    if ctx.memory:
+        lines.append(f"memory estimate per rank: {describe_estimates(ctx.memory)}")
     if extra:
         lines.append(extra)
     print("\n".join(lines), flush=True)
@@ -169,7 +175,23 @@ def run(ctx: RunContext) -> int:
         code = run_server(ctx, shards) if ctx.roles.is_server else run_worker(ctx, shards)
         shards.close()  # collective
     ctx.checkpointer.close()
+    _report_peaks(ctx)
     return code
+
+
+def _report_peaks(ctx: RunContext) -> None:
+    """Collective: rank 0 prints every rank's estimate beside its measured peak and keeps
+    both in OUT_DIR/memory.json."""
+    report = peak_report(ctx.memory or [], ctx.roles.comm)
+    if report is None:
+        return
+    if not ctx.quiet:
+        print(describe_peaks(report), flush=True)
+    try:
+        with open(os.path.join(ctx.cfg.out_dir, "memory.json"), "w", encoding="utf-8") as fh:
+            json.dump({"ranks": {str(r): v for r, v in report.items()}}, fh, indent=1)
+    except OSError as err:
+        print(f"warning: cannot write {ctx.cfg.out_dir}/memory.json: {err.strerror}", flush=True)
 
 
 def _memory_table(ctx: RunContext, shards: ShardSet) -> None:
@@ -193,14 +215,19 @@ def run_server(ctx: RunContext, shards: ShardSet) -> int:
     job_peak_flops(cfg, ctx.roles, ctx.backend)  # collective: the workers measure meanwhile
     lo, hi = shards.own_range
     optimizer = make_optimizer(cfg, hi - lo, layout.decay_ranges(lo, hi))
+    # the initial params go straight into the params window: no second shard-sized array
+    params = shards.wins.local_params
     if ctx.resume is not None:
         state = ctx.resume.load_shard(lo, hi)
         optimizer.load_state(state)
-        params, version = state["params"], int(state["version"])
+        params[:] = state.pop("params")
+        version = int(state["version"])
+        del state
         if ctx.roles.mode == "bsp":  # bsp counts one update per step (asp counts pushes)
             version = ctx.resume.step
     else:
-        params, version = layout.init_slice(cfg.train.seed, lo, hi), 0
+        layout.init_slice(cfg.train.seed, lo, hi, out=params)
+        version = 0
 
     def save(reason, comm, shard) -> None:
         ctx.checkpointer.save(reason["step"], shard=shard, worker=None, reason=reason, comm=comm)

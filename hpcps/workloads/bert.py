@@ -110,6 +110,9 @@ class BertWorkload(TokenStreamWorkload):
                            mask_prob=bc.mask_prob, mask_token_prob=bc.mask_token_prob,
                            random_token_prob=bc.random_token_prob)
 
+    def memory_bytes(self, batch, recompute=None):
+        return self.model.memory_bytes(batch, self.cfg.bert.mask_prob, recompute)
+
     def train_batch(self, step, lo, hi):
         return self.masked_batch("train", step, lo, hi)
 

@@ -65,6 +65,15 @@ class TokenStreamWorkload(Workload):
     def flops_per_item(self):
         return self.model.flops_per_token() * self.block_size
 
+    def data_bytes(self):
+        """The splits ``load_split`` reads into RAM (the others stay in the file)."""
+        item = np.dtype(self.corpus.token_dtype).itemsize
+        sizes = [self.corpus.split(name).n_tokens * item for name in ("train", "val")]
+        return {"corpus": sum(n for n in sizes if n <= self.cfg.data.in_memory_mb * 1024 * 1024)}
+
+    def memory_bytes(self, batch, recompute=None):
+        return self.model.memory_bytes(batch, recompute)
+
     def describe_stream(self, vocab_size: int) -> dict:
         """The checkpoint description both transformers share: shape and tokenizer."""
         m = self.cfg.model
