@@ -31,8 +31,6 @@ from hpcps.model.attention import self_attention_backward, self_attention_forwar
 from hpcps.model.blas import blas_threads, blas_threads_limited, can_set_blas_threads
 from hpcps.model.checks import check_dropout_keys, check_flat_buffer
 from hpcps.model.layers import (
-    cross_entropy_backward,
-    cross_entropy_forward,
     dropout_mask,
     embedding_backward,
     gelu_backward,
@@ -43,6 +41,7 @@ from hpcps.model.layers import (
     linear_forward,
 )
 from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
+from hpcps.model.lm_head import head_loss
 from hpcps.model.memory import TransformerShape, model_bytes
 from hpcps.model.recompute import BlockActivations, check_recompute
 from hpcps.model.workspace import Workspace
@@ -165,7 +164,11 @@ class GPT:
         idx, _ = self._check_batch(idx, None)
         self._check_buffer(params, "params")
         ws = self._workspace(idx.shape, params.dtype)
-        logits, _ = self._forward(self._views(params), idx, None, ws, for_backward=False)
+        P = self._views(params)
+        x, _ = self._forward(P, idx, None, ws, for_backward=False)
+        head = P["wte"] if self.tie_embeddings else P["lm_head.w"]
+        logits, _ = layernorm_linear_forward(x, P["lnf.w"], P.get("lnf.b"), head, ws=ws,
+                                             name="head")
         return logits.reshape(idx.shape + (self.vocab_size,)).copy()
 
     def flops_per_token(self) -> float:
@@ -348,17 +351,24 @@ class GPT:
     # -- forward / backward ------------------------------------------------------------
 
     def _step(self, P, G, idx, targets, keys, ws: Workspace, dloss: float, notify):
-        logits, caches = self._forward(P, idx, keys, ws)
-        loss, xent_cache = cross_entropy_forward(logits, targets, ws=ws, name="xent",
-                                                 in_place=True)
-        self._backward(G, cross_entropy_backward(xent_cache, dloss), caches, ws, notify)
+        x, caches = self._forward(P, idx, keys, ws)
+        # every gradient tensor is overwritten by its one backward, except the token table
+        # (tied: the head writes it, the lookup adds; untied: only the lookup adds)
+        if not self.tie_embeddings:
+            G["wte"].fill(0)
+        head = "wte" if self.tie_embeddings else "lm_head.w"
+        loss, dx = head_loss(x, P["lnf.w"], P.get("lnf.b"), P[head], targets, ws,
+                             grads=(G["lnf.w"], G.get("lnf.b"), G[head]), dloss=dloss)
+        self._backward(G, dx, caches, ws, notify)
         return loss
 
     def _eval_loss(self, P, idx, targets, ws: Workspace):
-        logits, _ = self._forward(P, idx, None, ws, for_backward=False)
-        return cross_entropy_forward(logits, targets, ws=ws, name="xent", in_place=True)[0]
+        x, _ = self._forward(P, idx, None, ws, for_backward=False)
+        head = P["wte"] if self.tie_embeddings else P["lm_head.w"]
+        return head_loss(x, P["lnf.w"], P.get("lnf.b"), head, targets, ws)[0]
 
     def _forward(self, P: dict, idx, keys, ws: Workspace, for_backward: bool = True):
+        """The residual stream after the last block, and what the backward needs."""
         # each LayerNorm is fused into the linear that reads it (ln1 -> qkv, ln2 -> fc, lnf -> head)
         xp = self.xp
         b, t = idx.shape
@@ -376,10 +386,7 @@ class GPT:
         for i in range(self.n_layer):
             blocks.forward(i, x, lambda xi, prefix, i=i: self._block_forward(
                 P, xi, i, keys, ws, branch, prefix, blocks.keep_probs))
-        head = P["wte"] if self.tie_embeddings else P["lm_head.w"]
-        logits, head_cache = layernorm_linear_forward(x, P["lnf.w"], P.get("lnf.b"), head,
-                                                      ws=ws, name="head")
-        return logits, (idx, emb_mask, blocks, head_cache)
+        return x, (idx, emb_mask, blocks)
 
     def _block_forward(self, P: dict, x, i: int, keys, ws: Workspace, branch, prefix: str,
                        keep_probs: bool) -> tuple:
@@ -411,17 +418,11 @@ class GPT:
         x += m
         return attn, attn_mask, fc, gelu, proj, mlp_mask
 
-    def _backward(self, G: dict, dlogits, caches, ws: Workspace, notify) -> None:
-        idx, emb_mask, blocks, head_cache = caches
+    def _backward(self, G: dict, dx, caches, ws: Workspace, notify) -> None:
+        """dx: the gradient of the last block's output (the head's input-gradient buffer,
+        the residual-stream gradient from here on)."""
+        idx, emb_mask, blocks = caches
         b, t = idx.shape
-        # every gradient tensor is overwritten by its one backward, except the token table
-        # (tied: the head writes it, the lookup adds; untied: only the lookup adds)
-        if not self.tie_embeddings:
-            G["wte"].fill(0)
-        head = G["wte"] if self.tie_embeddings else G["lm_head.w"]
-        # the head's input-gradient buffer is the residual-stream gradient from here on
-        dx = layernorm_linear_backward(dlogits, head_cache, G["lnf.w"], G.get("lnf.b"), head,
-                                       None, ws, "bwd.head", accumulate=False)
         notify(0)
         for i in reversed(range(self.n_layer)):
             p = f"h{i}."

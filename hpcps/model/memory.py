@@ -5,8 +5,9 @@ The count follows the workspace of ``hpcps.model.gpt`` buffer by buffer (a test 
 against a real step's workspace, exactly): per block the kept activations (14 (N, C)
 arrays: normalized inputs, q/k/v, attention output, GELU value and derivative), the
 LayerNorm-folded weight copies (7 C²) and, without recomputation, the (B, H, T, T)
-attention probabilities; once per model the shared scratch (30 (N, C) arrays), the head
-(logits (N, V), its folded weight and weight gradient, V x C each). N = B x T tokens of a
+attention probabilities; once per model the shared scratch (33 (N, C) arrays, the head's
+included), a block of logits (``hpcps.model.lm_head``) and the head's weight gradient
+(V x C) when the logits take more than one block. N = B x T tokens of a
 batch shard; a model that runs its batch in S shards holds S workspaces and S - 1 extra
 gradient buffers.
 """
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 
 from hpcps.model.attention import head_chunk
 from hpcps.model.layers import ONE_HOT_LIMIT
+from hpcps.model.lm_head import rows_per_chunk
 
 KEPT_PER_TOKEN = 14        # (N, C) arrays a block keeps for its backward (see above)
-SHARED_PER_TOKEN = 30      # (N, C) arrays of scratch shared by all blocks
+SHARED_PER_TOKEN = 33      # (N, C) arrays of scratch shared by all blocks and the head
 FOLDED_WEIGHTS = 7         # C² : q/k/v (3 C²) and fc (4 C²) weights with the LayerNorm folded in
 
 
@@ -78,12 +80,13 @@ def workspace_bytes(s: TransformerShape, b: int, recompute: str, evaluation: boo
     if recompute == "attention" and evaluation:
         kept += block_set_bytes(s, b, False, item)
     shared = (SHARED_PER_TOKEN + (1 if s.dropout else 0)) * n * c + FOLDED_WEIGHTS * c * c
-    shared += n * c + 2 * v * c + t * t + t + 4 * c + v            # head, masks, ones, scales
-    if s.bias:
-        shared += v + n
+    shared += t * t + t + n + 4 * c + v                             # mask, ones, q scale
+    head_rows = rows_per_chunk(rows, v, item)
+    if head_rows < rows:
+        shared += v * c                                             # the head's weight grad
     if n * v <= ONE_HOT_LIMIT:
         shared += v * n
-    return {"activations": kept, "logits": rows * v * item,
+    return {"activations": kept, "logits": head_rows * v * item,
             "scratch": (shared + probs_scratch) * item}
 
 
@@ -94,7 +97,7 @@ def shard_bytes(s: TransformerShape, b: int, recompute: str, item: int = 4) -> d
     if recompute != "block":
         out["activations"] += s.n_layer * _dropout_masks(s, b, item)
     n, c, t, v, h = b * s.seq, s.n_embd, s.seq, s.vocab, s.n_head
-    transient = max(v * c if s.bias else 0, 3 * n * c) * item     # head backward, embedding sort
+    transient = 3 * n * c * item                                   # the embedding backward's sort
     if s.dropout:
         transient = max(transient, 13 * b * h * t * t)             # a mask's hash words
     out["scratch"] += transient
