@@ -6,7 +6,8 @@
 Each measurement is a fresh process (its peak resident set, ``VmHWM``, is its own) that
 holds what a worker holds, the flat parameter and gradient buffers and the model, and runs
 ``--steps`` forward + backward passes after one untimed step on random tokens. Modes are
-interleaved over ``--repeats`` rounds; the table gives medians and the ratios to ``none``.
+interleaved over ``--repeats`` rounds; the table gives medians, and the median over rounds of
+each round's ratio to ``none`` (one round disturbed by another job then cannot skew it).
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ GPT2_124M = ["model.n_layer=12", "model.n_head=12", "model.n_embd=768", "model.b
              "model.bias=true", "train.batch_size=4"]
 
 
-def one(mode: str, vocab: int, steps: int, overrides: list[str]) -> dict:
+def one(mode: str, vocab: int, steps: int, shards: int, overrides: list[str]) -> dict:
     from hpcps.config import load_config
     from hpcps.model.gpt import GPT
-    from hpcps.train.memory import peak_rss_bytes
+    from hpcps.runtime.memory import peak_rss_bytes
     cfg = load_config(None, overrides + [f"train.recompute={mode}"])
     m, b = cfg.model, cfg.train.batch_size
     model = GPT(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
                 block_size=m.block_size, bias=m.bias, tie_embeddings=m.tie_embeddings,
-                recompute=mode)
+                recompute=mode, threads=shards)
     params = model.init_params(1)
     grads = np.empty_like(params)
     rng = np.random.default_rng(0)
@@ -56,11 +57,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--shards", type=int, default=1,
+                        help="batch shards in threads (1: one workspace, BLAS on every core; "
+                             "a worker of a job with a core per worker holds the same)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     overrides = GPT2_124M + args.overrides
     if args.one:
-        print(json.dumps(one(args.one, args.vocab_size, args.steps, overrides)))
+        print(json.dumps(one(args.one, args.vocab_size, args.steps, args.shards, overrides)))
         return 0
     modes = args.modes.split(",")
     runs: dict = {m: [] for m in modes}
@@ -68,16 +72,20 @@ def main() -> int:
         for mode in modes if r % 2 == 0 else modes[::-1]:
             out = subprocess.run([sys.executable, __file__, "--one", mode, "--steps",
                                   str(args.steps), "--vocab-size", str(args.vocab_size),
-                                  *args.overrides], check=True, capture_output=True, text=True)
+                                  "--shards", str(args.shards), *args.overrides],
+                                 check=True, capture_output=True, text=True)
             runs[mode].append(json.loads(out.stdout.splitlines()[-1]))
             print(json.dumps(runs[mode][-1]), flush=True)
-    base = {k: statistics.median(x[k] for x in runs[modes[0]]) for k in ("step_s", "peak_rss")}
+    # ratios per round (a round runs every mode back to back), then their median
     print(f"{'mode':10s} {'peak RSS':>10s} {'vs ' + modes[0]:>8s} {'step':>8s} {'vs ' + modes[0]:>8s}")
     for mode in modes:
         rss = statistics.median(x["peak_rss"] for x in runs[mode])
         step = statistics.median(x["step_s"] for x in runs[mode])
-        print(f"{mode:10s} {rss / 2**30:8.2f}GiB {rss / base['peak_rss']:8.2f} {step:7.2f}s "
-              f"{step / base['step_s']:8.2f}")
+        rss_ratio = statistics.median(a["peak_rss"] / b["peak_rss"]
+                                      for a, b in zip(runs[mode], runs[modes[0]]))
+        step_ratio = statistics.median(a["step_s"] / b["step_s"]
+                                       for a, b in zip(runs[mode], runs[modes[0]]))
+        print(f"{mode:10s} {rss / 2**30:8.2f}GiB {rss_ratio:8.2f} {step:7.2f}s {step_ratio:8.2f}")
     return 0
 
 
