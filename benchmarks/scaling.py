@@ -25,9 +25,12 @@ import tempfile
 from pathlib import Path
 
 from hpcps.bench.cost_model import (
+    CLUSTER,
     Layout,
     Machine,
+    cluster_machine,
     fit,
+    link_seconds,
     measure_update,
     predict_local_step_s,
     predict_step_s,
@@ -58,16 +61,11 @@ def measure(point, steps: int, warmup: int, root: Path) -> float:
     return statistics.median(r["step_s"] for r in records if r["step"] > warmup)
 
 
-# A cluster the model predicts (docs/scaling.md): 64 nodes x 4 GPUs (one worker each) and one
-# CPU server per node, GPT-2 124M, 100 Gb/s links. Link costs are assumed, not fitted: RDMA
-# round trip 5 us, 1 us of a server's time per worker's atomics, no core sharing; a worker's
-# forward + backward of 12 x 1024 tokens: 6 x 124e6 x 12288 FLOP at 40 % of 312 TFLOP/s ~ 73 ms.
 # Local steps add the worker's own AdamW update every inner step: ~28 bytes of HBM traffic per
-# element (params, grad, m, v read; params, m, v written) at an assumed 2 TB/s ~ 1.7 ms.
-CLUSTER = {"nodes": 64, "gpus_per_node": 4, "elements": 124_439_808, "compute_s": 0.073,
-           "link_bytes_per_s": 100e9 / 8, "atomic_s": 5e-6, "serve_s": 1e-6,
-           "node_reduce_bytes_per_s": 20e9, "inner_update_s": 124_439_808 * 28 / 2e12}
-PUSH_BYTES = {"fp32": 4.0, "bf16": 2.0, "int4": 0.5625}   # per element pushed (pulls: fp32)
+# element (params, grad, m, v read; params, m, v written) at an assumed 2 TB/s ~ 1.7 ms; int4
+# deltas push 0.5625 bytes per element (4 bits + an fp32 scale per 64), pulls stay fp32.
+INNER_UPDATE_S = CLUSTER["elements"] * 28 / 2e12
+INT4_BYTES = 0.5625
 
 
 def cluster_table(fitted: Machine) -> None:
@@ -80,35 +78,30 @@ def cluster_table(fitted: Machine) -> None:
     workers = c["nodes"] * c["gpus_per_node"]
     print(f"cluster: {c['nodes']} nodes x {c['gpus_per_node']} GPUs, P = {c['elements']:,}, "
           f"compute {1e3 * c['compute_s']:.0f} ms, {8 * c['link_bytes_per_s'] / 1e9:.0f} Gb/s")
-
-    def model(servers: int, hierarchy: bool, push: str) -> tuple[Layout, Machine, float]:
-        per_byte = (1.0 + PUSH_BYTES[push] / 4.0) / 2.0 / c["link_bytes_per_s"]
-        m = Machine(overhead=fitted.overhead, update=fitted.update,
-                    decode=fitted.decode, node_byte=1.0 / c["node_reduce_bytes_per_s"],
-                    per_byte={"ib": per_byte}, atomic={"ib": c["atomic_s"]},
-                    wait={"ib": 0.0}, serve={"ib": c["serve_s"]})
-        layout = Layout(workers=workers, servers=servers, nodes=c["nodes"],
-                        elements=c["elements"], compute_s=c["compute_s"], path="ib",
-                        cores=64, hierarchy=hierarchy)
-        return layout, m, per_byte
     for servers in (c["nodes"] // 2, c["nodes"]):
         for hierarchy in (False, True):
-            for push in ("fp32", "bf16"):
-                layout, m, per_byte = model(servers, hierarchy, push)
+            for push_bytes in (4, 2):
+                m = cluster_machine(fitted, push_bytes)
+                layout = Layout(workers=workers, servers=servers, nodes=c["nodes"],
+                                elements=c["elements"], compute_s=c["compute_s"], path="ib",
+                                cores=64, hierarchy=hierarchy)
                 total = predict_step_s(layout, m)
-                link = 2.0 * layout.pushers * (c["elements"] / servers) * 4.0 * per_byte
+                link = link_seconds(layout, m)
                 print(f"  servers={servers:3d} hierarchy={'node' if hierarchy else 'none':4s} "
-                      f"push={push}: step {1e3 * total:5.0f} ms, "
+                      f"push={'bf16' if push_bytes == 2 else 'fp32'}: step {1e3 * total:5.0f} ms, "
                       f"busiest link {1e3 * link:4.0f} ms, compute share "
                       f"{100 * c['compute_s'] / total:3.0f} %")
-    print(f"local steps (ps.local_steps = H; + {1e3 * c['inner_update_s']:.1f} ms of inner AdamW "
-          "per step), servers = nodes:")
+    print(f"local steps (ps.local_steps = H; + {1e3 * INNER_UPDATE_S:.1f} ms of inner AdamW per "
+          "step), servers = nodes:")
     for hierarchy in (False, True):
-        for push in ("fp32", "int4"):
-            layout, m, _ = model(c["nodes"], hierarchy, push)
+        for push, push_bytes in (("fp32", 4.0), ("int4", INT4_BYTES)):
+            m = cluster_machine(fitted, push_bytes)
+            layout = Layout(workers=workers, servers=c["nodes"], nodes=c["nodes"],
+                            elements=c["elements"], compute_s=c["compute_s"], path="ib",
+                            cores=64, hierarchy=hierarchy)
             cells = []
             for h in (20, 50, 100, 500):
-                t = predict_local_step_s(layout, m, h, c["inner_update_s"])
+                t = predict_local_step_s(layout, m, h, INNER_UPDATE_S)
                 cells.append(f"H={h}: {1e3 * t:5.1f} ms ({100 * c['compute_s'] / t:3.0f} %)")
             print(f"  hierarchy={'node' if hierarchy else 'none':4s} push={push}: "
                   + " | ".join(cells))

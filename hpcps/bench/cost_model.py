@@ -73,6 +73,43 @@ class Machine:
         return asdict(self)
 
 
+# A cluster the model predicts (docs/scaling.md): 64 nodes x 4 GPUs (one worker each) and one
+# CPU server per node, GPT-2 124M, 100 Gb/s links. Link costs are assumed, not fitted: RDMA
+# round trip 5 us, 1 us of a server's time per worker's atomics, no core sharing; a worker's
+# forward + backward of 12 x 1024 tokens: 6 x 124e6 x 12288 FLOP at 40 % of 312 TFLOP/s ~ 73 ms.
+CLUSTER = {"nodes": 64, "gpus_per_node": 4, "elements": 124_439_808, "compute_s": 0.073,
+           "link_bytes_per_s": 100e9 / 8, "atomic_s": 5e-6, "serve_s": 1e-6,
+           "node_reduce_bytes_per_s": 20e9}
+
+# The server CPU and shared-memory terms fitted on the 2-core reference machine
+# (docs/scaling.md, "Fitted and checked on this machine"); ``hpcps plan`` uses them.
+REFERENCE = {"overhead": 0.0, "update": 2.25e-9, "decode": 0.08e-9,
+             "shm": {"per_byte": 0.22e-9, "atomic": 0.07e-3, "wait": 0.35e-3, "serve": 3e-6}}
+
+
+def cluster_machine(cpu: Machine, push_bytes: int = 4,
+                    link_bytes_per_s: float = CLUSTER["link_bytes_per_s"]) -> Machine:
+    """``cpu``'s server terms with ``CLUSTER``'s assumed links (path "ib"): a push of
+    push_bytes per element in, an fp32 pull out, through one link per node."""
+    c = CLUSTER
+    per_byte = (1.0 + push_bytes / 4.0) / 2.0 / link_bytes_per_s
+    return Machine(overhead=cpu.overhead, update=cpu.update, decode=cpu.decode,
+                   node_byte=1.0 / c["node_reduce_bytes_per_s"], per_byte={"ib": per_byte},
+                   atomic={"ib": c["atomic_s"]}, wait={"ib": 0.0}, serve={"ib": c["serve_s"]})
+
+
+def reference_machine() -> Machine:
+    r = REFERENCE
+    return Machine(overhead=r["overhead"], update=r["update"], decode=r["decode"],
+                   node_byte=1.0 / CLUSTER["node_reduce_bytes_per_s"],
+                   **{term: {"shm": r["shm"][term]} for term in PATH_TERMS})
+
+
+def link_seconds(layout: Layout, m: Machine) -> float:
+    """The busiest link's share of a step: a shard's pushes in and pulls out."""
+    return 2.0 * layout.pushers * (layout.elements / layout.servers) * 4.0 * m.per_byte[layout.path]
+
+
 def features(layout: Layout, paths: list[str]) -> np.ndarray:
     """T - compute = features . parameters, parameters in the order ``fit`` unpacks."""
     n = layout.elements / layout.servers

@@ -83,7 +83,7 @@ def _ours(cfg, vocab: int, batches) -> tuple[Callable[[], None], object]:
     m, t = cfg.model, cfg.train
     model = GPT(vocab_size=vocab, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
                 block_size=m.block_size, bias=m.bias, dropout=m.dropout,
-                tie_embeddings=m.tie_embeddings)
+                tie_embeddings=m.tie_embeddings, recompute=t.recompute)
     params = model.init_params(t.seed)
     grads = np.empty_like(params)
     opt = AdamW(params.size, model.layout.decay_ranges(), beta1=t.beta1, beta2=t.beta2,

@@ -94,6 +94,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
         args, unknown = parser.parse_known_args(argv)
+        if unknown and isinstance(getattr(args, "overrides", None), list):
+            # key=value overrides after options (argparse binds them to nothing there)
+            args.overrides += [a for a in unknown if "=" in a and not a.startswith("-")]
+            unknown = [a for a in unknown if a not in args.overrides]
         if unknown:  # reported by the subcommand's parser, which knows its options
             parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
         args.quiet = quiet

@@ -62,6 +62,14 @@ field("train.init_from", "str", "",
       "corpus must have the same tokenizer. A run that resumes from its own checkpoint ignores it.")
 field("train.peak_flops", "float", 0.0,
       "Peak FLOP/s per worker for MFU (0: measured with a matmul at start-up).", min=0.0)
+field("train.recompute", "str", "none",
+      "Activation recomputation (gpt, bert, seq2seq): none keeps every activation; attention "
+      "recomputes the attention probabilities in the backward; block keeps only each block's "
+      "input and runs its forward again (same gradients, bit for bit; less memory, more compute).",
+      choices=("none", "attention", "block"))
+field("train.memory_check", "bool", True,
+      "Estimate every rank's memory before allocating and stop (exit 2) when a node's ranks "
+      "would not fit in its available memory (cgroup limit included).")
 
 # -- checkpoint ------------------------------------------------------------------------
 section("checkpoint", "HDF5 checkpoint shards (see docs/checkpoint-format.md).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Optional
@@ -12,6 +13,23 @@ def _fmt_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def three_digits(value: float) -> str:
+    """value with three significant digits and a k / M / G suffix: 0.500, 162, 1.62k, 16.2k,
+    162k, 1.62M (a slow model's 162 tokens/s must not read "0.2k")."""
+    units = ((1.0, ""), (1e3, "k"), (1e6, "M"), (1e9, "G"))
+    for i, (scale, suffix) in enumerate(units):
+        scaled = value / scale
+        if scaled == 0:
+            return "0"
+        exponent = math.floor(math.log10(abs(scaled)))
+        rounded = round(scaled, 2 - exponent)
+        if abs(rounded) >= 1000 and i < len(units) - 1:
+            continue     # 999.6 reads 1.00k
+        exponent = math.floor(math.log10(abs(rounded)))
+        return f"{rounded:.{max(0, 2 - exponent)}f}{suffix}"
+    raise AssertionError("unreachable: the last unit always returns")
 
 
 class ProgressLine:
@@ -46,7 +64,7 @@ class ProgressLine:
             parts.append(f"gnorm {record['grad_norm']:.3f}")
         window_s = self.window["s"]
         tokens_per_s = self.window["tokens"] / window_s if window_s > 0 else record["tokens_per_s"]
-        parts.append(f"{tokens_per_s / 1000:.1f}k tok/s")
+        parts.append(f"{three_digits(tokens_per_s)} tok/s")
         if record.get("mfu") is not None:
             mfu = self.window["mfu_s"] / window_s if window_s > 0 else record["mfu"]
             parts.append(f"mfu {100 * mfu:.1f}%")

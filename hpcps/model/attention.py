@@ -42,7 +42,8 @@ _SUM_LO, _SUM_HI = math.exp(-60.0), math.exp(80.0)
 
 
 def attention_forward(q, k, v, *, causal: bool, scale: Optional[float] = None, attn_bias=None,
-                      dropout=None, out=None, ws: Optional[Workspace] = None, name: str = "attn"):
+                      dropout=None, out=None, ws: Optional[Workspace] = None, name: str = "attn",
+                      keep_probs: bool = True):
     """y = dropout(softmax(scale * q k^T + bias)) v, per head.
 
     scale: defaults to 1/sqrt(hs); pass 1.0 when q is already scaled (the fused
@@ -51,6 +52,9 @@ def attention_forward(q, k, v, *, causal: bool, scale: Optional[float] = None, a
     must keep at least one key). dropout: an optional 0 / 1/(1-p) mask
     broadcastable to the probabilities. out: optional (B, H, Tq, hs) array (may
     be a transposed view) that receives y.
+    keep_probs=False (activation recomputation): the (Tq, Tk) probabilities are
+    computed a few heads at a time in one shared scratch buffer and not kept; the
+    backward computes them again, bit for bit (``_recomputed_forward``).
     """
     xp = array_module(q)
     ws = scratch(ws, xp)
@@ -58,14 +62,16 @@ def attention_forward(q, k, v, *, causal: bool, scale: Optional[float] = None, a
     tk = k.shape[2]
     dt = q.dtype
     scale = 1.0 / math.sqrt(hs) if scale is None else float(scale)
+    if out is None:
+        out = ws.get(name + ".y", (b, h, tq, hs), dt)
+    if not keep_probs:
+        return out, _recomputed_forward(q, k, v, causal, scale, attn_bias, dropout, out, ws)
     att = ws.get(name + ".att", (b, h, tq, tk), dt)
     _softmax_scores(q, k, att, causal, scale, attn_bias, ws)
     probs = att
     if dropout is not None:
         probs = ws.get(name + ".att_drop", att.shape, dt)
         xp.multiply(att, dropout, out=probs)
-    if out is None:
-        out = ws.get(name + ".y", (b, h, tq, hs), dt)
     matmul(probs, v, out=out)
     return out, (q, k, v, att, probs, dropout, scale)
 
@@ -118,15 +124,28 @@ def _exp_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace,
 def attention_backward(dy, cache, dq=None, dk=None, dv=None, ws: Optional[Workspace] = None,
                        name: str = "attn"):
     """Gradients w.r.t. q, k, v, written into dq / dk / dv when given (may be strided views)."""
-    q, k, v, att, probs, dropout, scale = cache
+    q, k, v = cache[:3]
     xp = array_module(q)
     ws = scratch(ws, xp)
     dt = q.dtype
     dq = ws.get(name + ".dq", q.shape, dt) if dq is None else dq
     dk = ws.get(name + ".dk", k.shape, dt) if dk is None else dk
     dv = ws.get(name + ".dv", v.shape, dt) if dv is None else dv
-    matmul(probs.swapaxes(-1, -2), dy, out=dv)
+    if isinstance(cache, _Recomputed):
+        _recomputed_backward(dy, cache, dq, dk, dv, ws)
+        return dq, dk, dv
+    _, _, _, att, probs, dropout, scale = cache
     datt = ws.get("tmp.attn.datt", att.shape, dt)
+    _probs_backward(dy, q, k, v, att, probs, dropout, scale, dq, dk, dv, datt, ws)
+    return dq, dk, dv
+
+
+def _probs_backward(dy, q, k, v, att, probs, dropout, scale: float, dq, dk, dv, datt,
+                    ws: Workspace) -> None:
+    """The backward through probs v and the softmax, given the forward's probabilities."""
+    xp = ws.xp
+    dt = q.dtype
+    matmul(probs.swapaxes(-1, -2), dy, out=dv)
     matmul(dy, v.swapaxes(-1, -2), out=datt)
     if dropout is not None:
         datt *= dropout
@@ -141,7 +160,105 @@ def attention_backward(dy, cache, dq=None, dk=None, dv=None, ws: Optional[Worksp
             datt *= dt.type(scale)
     matmul(datt, k, out=dq)
     matmul(datt.swapaxes(-1, -2), q, out=dk)
-    return dq, dk, dv
+
+
+# -- recomputed probabilities (train.recompute) -------------------------------------------
+
+CHUNK_BYTES = 16 << 20   # a head group's (B, heads, Tq, Tk) scores stay about this size
+
+
+class _Recomputed(tuple):
+    """(q, k, v, attn_bias, dropout, scale, causal, shift, heads per chunk): what the
+    backward needs to compute the probabilities again exactly as the forward did."""
+
+
+def head_chunk(b: int, h: int, tq: int, tk: int, itemsize: int) -> int:
+    """Heads per chunk: the largest divisor of h whose scores fit CHUNK_BYTES (at least 1),
+    so every chunk has the same shape and reuses one scratch buffer."""
+    per_head = b * tq * tk * itemsize
+    return max([d for d in range(1, h + 1) if h % d == 0 and d * per_head <= CHUNK_BYTES] or [1])
+
+
+def _head_slice(mask, lo: int, hi: int):
+    """Heads lo..hi of a mask broadcastable to (B, H, Tq, Tk) (a size-1 head axis stays)."""
+    if mask is None or mask.ndim < 4 or mask.shape[-3] == 1:
+        return mask
+    return mask[..., lo:hi, :, :]
+
+
+def _chunk_probs(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace,
+                 shift: bool) -> bool:
+    """att = softmax of one head group's scores, in place, as ``_softmax_scores`` computes it
+    (same operations per head). Returns False when, without the shift, a row sum left the
+    safe range: the caller then starts again with ``shift`` for every head, as the
+    one-piece softmax does."""
+    if is_cupy(ws.xp):
+        _softmax_scores(q, k, att, causal, scale, attn_bias, ws)
+        return True
+    with np.errstate(over="ignore"):
+        total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, shift=shift)
+    if not shift and not (_SUM_LO <= total.min() and total.max() <= _SUM_HI):
+        return False
+    np.reciprocal(total, out=total)
+    att *= total[..., None]
+    return True
+
+
+def _chunks(cache: "_Recomputed"):
+    q = cache[0]
+    h, hc = q.shape[1], cache[8]
+    return [(lo, lo + hc) for lo in range(0, h, hc)]
+
+
+def _recomputed_forward(q, k, v, causal: bool, scale: float, attn_bias, dropout, out,
+                        ws: Workspace) -> "_Recomputed":
+    b, h, tq, _ = q.shape
+    tk = k.shape[2]
+    hc = head_chunk(b, h, tq, tk, q.dtype.itemsize)
+    shift = ws.xp is not np
+    while True:
+        cache = _Recomputed((q, k, v, attn_bias, dropout, scale, causal, shift, hc))
+        if all(_chunk_forward(cache, lo, hi, out, ws) for lo, hi in _chunks(cache)):
+            return cache
+        shift = True
+
+
+def _chunk_forward(cache: "_Recomputed", lo: int, hi: int, out, ws: Workspace) -> bool:
+    v, dropout = cache[2], cache[4]
+    att = _chunk_scores(cache, lo, hi, ws)
+    if att is None:
+        return False
+    probs = att
+    if dropout is not None:
+        probs = ws.get("tmp.attn.chunk_drop", att.shape, att.dtype)
+        ws.xp.multiply(att, _head_slice(dropout, lo, hi), out=probs)
+    matmul(probs, v[:, lo:hi], out=out[:, lo:hi])
+    return True
+
+
+def _chunk_scores(cache: "_Recomputed", lo: int, hi: int, ws: Workspace):
+    """The probabilities of heads lo..hi in the shared scratch buffer (None: see
+    ``_chunk_probs``)."""
+    q, k, _, attn_bias, _, scale, causal, shift, _ = cache
+    b, _, tq, _ = q.shape
+    att = ws.get("tmp.attn.chunk", (b, hi - lo, tq, k.shape[2]), q.dtype)
+    ok = _chunk_probs(q[:, lo:hi], k[:, lo:hi], att, causal, scale,
+                      _head_slice(attn_bias, lo, hi), ws, shift)
+    return att if ok else None
+
+
+def _recomputed_backward(dy, cache: "_Recomputed", dq, dk, dv, ws: Workspace) -> None:
+    q, k, v, _, dropout, scale, _, _, _ = cache
+    for lo, hi in _chunks(cache):
+        att = _chunk_scores(cache, lo, hi, ws)
+        mask = _head_slice(dropout, lo, hi)
+        probs = att
+        if mask is not None:
+            probs = ws.get("tmp.attn.chunk_drop", att.shape, att.dtype)
+            ws.xp.multiply(att, mask, out=probs)
+        datt = ws.get("tmp.attn.chunk_datt", att.shape, att.dtype)
+        _probs_backward(dy[:, lo:hi], q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], att, probs, mask,
+                        scale, dq[:, lo:hi], dk[:, lo:hi], dv[:, lo:hi], datt, ws)
 
 
 def split_heads(x, n_head: int):
@@ -160,7 +277,8 @@ def q_scale(ws: Workspace, c: int, n_head: int, dtype):
 
 def self_attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, n_head: int, *, causal: bool = True,
                            ln=None, attn_bias=None, attn_dropout=None, out=None,
-                           ws: Optional[Workspace] = None, name: str = "attn"):
+                           ws: Optional[Workspace] = None, name: str = "attn",
+                           keep_probs: bool = True):
     """Fused q/k/v projection (w_qkv: (3C, C), rows q | k | v), attention, output projection.
 
     ln: optional (weight, bias-or-None) of a pre-LayerNorm applied to x first; it
@@ -169,6 +287,7 @@ def self_attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, n_head: int, *, caus
     attn_bias: optional additive score bias broadcast over (B, H, T, T), e.g. a key
     padding mask (0 or -inf per key).
     out: optional (B*T, C) array for the result (the backward does not need it).
+    keep_probs: see ``attention_forward``.
     """
     xp = array_module(x)
     ws = scratch(ws, xp)
@@ -191,7 +310,7 @@ def self_attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, n_head: int, *, caus
     y = ws.get(name + ".y", (b, t, n_head, hs), x.dtype)
     _, att_cache = attention_forward(q, k, v, causal=causal, scale=1.0, attn_bias=attn_bias,
                                      dropout=attn_dropout, out=y.transpose(0, 2, 1, 3), ws=ws,
-                                     name=name)
+                                     name=name, keep_probs=keep_probs)
     out, proj_cache = linear_forward(y.reshape(b, t, c), w_proj, b_proj, ws, name + ".proj", out)
     return out, (qkv_cache, att_cache, proj_cache, n_head, scale, ln is not None)
 

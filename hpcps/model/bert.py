@@ -46,6 +46,8 @@ from hpcps.model.layers import (
     layernorm_linear_forward,
 )
 from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
+from hpcps.model.memory import TransformerShape, model_bytes
+from hpcps.model.recompute import BlockActivations, check_recompute
 from hpcps.model.workspace import Workspace, scratch
 
 _MAX_WORKSPACES = 4
@@ -104,7 +106,8 @@ def mlm_head_backward(dlogits, cache, G: dict, ws: Optional[Workspace] = None):
 class BertMLM:
     def __init__(self, *, vocab_size: int, n_layer: int, n_head: int, n_embd: int,
                  block_size: int, bias: bool = False, dropout: float = 0.0,
-                 backend: Backend = CPU) -> None:
+                 backend: Backend = CPU, recompute: str = "none") -> None:
+        """recompute: what the forward keeps for the backward (``hpcps.model.recompute``)."""
         check_shape_args(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                          block_size=block_size)
         if n_embd % n_head:
@@ -115,6 +118,7 @@ class BertMLM:
         self.n_embd, self.block_size = int(n_embd), int(block_size)
         self.bias, self.dropout = bool(bias), float(dropout)
         self.backend, self.xp = backend, backend.xp
+        self.recompute = check_recompute(recompute)
         self.layout = build_layout(vocab_size=self.vocab_size, n_layer=self.n_layer,
                                    n_embd=self.n_embd, block_size=self.block_size, bias=self.bias)
         self._ready_ranges = self._grad_ready_ranges()
@@ -158,6 +162,14 @@ class BertMLM:
         ws = Workspace(self.xp, reuse=False)
         logits, _, _ = self._forward(self.layout.views(params), idx, targets, None, ws)
         return logits.copy()
+
+    def memory_bytes(self, batch: int, mask_prob: float, recompute: Optional[str] = None) -> dict:
+        """{term: bytes} of a training step, from the GPT block count (same blocks, no
+        causal mask; the head sees only the ``mask_prob`` share of tokens)."""
+        shape = TransformerShape(self.n_layer, self.n_head, self.n_embd, self.block_size,
+                                 self.vocab_size, self.bias, self.dropout, causal=False,
+                                 logit_rows=mask_prob)
+        return model_bytes(shape, [batch], recompute or self.recompute, self.layout.total)
 
     def flops_per_token(self) -> float:
         """6 x (block and head matmul parameters) + attention; the head runs on ~mask_prob of
@@ -227,8 +239,11 @@ class BertMLM:
         emb_mask = drop.mask(0, (t, c))
         if emb_mask is not None:
             x *= emb_mask
-        blocks = [encoder_block_forward(x, P, f"h{i}.", h, drop=drop, site=1 + 3 * i, ws=ws)
-                  for i in range(self.n_layer)]
+        blocks = BlockActivations(self.recompute, ws)
+        for i in range(self.n_layer):
+            blocks.forward(i, x, lambda xi, names, i=i: encoder_block_forward(
+                xi, P, f"h{i}.", h, drop=drop, site=1 + 3 * i, ws=ws, names=names,
+                keep_probs=blocks.keep_probs))
         rows = xp.flatnonzero(targets.reshape(-1) != -1)
         picked = x.reshape(-1, c)[rows]       # LayerNorm is row-wise: gather first
         logits, head = mlm_head_forward(picked, P, ws)
@@ -247,7 +262,7 @@ class BertMLM:
         dx = dx.reshape(b, t, c)
         notify(0)
         for i in reversed(range(self.n_layer)):
-            encoder_block_backward(dx, blocks[i], G, f"h{i}.", ws=ws)
+            encoder_block_backward(dx, blocks.cache(i), G, f"h{i}.", ws=ws)
             notify(self.n_layer - i)
         if emb_mask is not None:
             dx *= emb_mask

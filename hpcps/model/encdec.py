@@ -135,12 +135,13 @@ def masked(d, mask, ws: Workspace, name: str = "bwd.masked"):
 
 def self_attention_forward(x, ln_w, ln_b, w_qkv, b_qkv, w_proj, b_proj, n_head: int, *,
                            causal: bool, key_bias=None, attn_dropout=None, out=None,
-                           ws: Workspace, name: str):
+                           ws: Workspace, name: str, keep_probs: bool = True):
     """proj(attention(LN(x) W_qkv)) with an optional additive key mask (padding): the
     pre-LN sublayer of ``attention.self_attention_forward`` in this module's argument order."""
     return attention.self_attention_forward(x, w_qkv, b_qkv, w_proj, b_proj, n_head,
                                             causal=causal, ln=(ln_w, ln_b), attn_bias=key_bias,
-                                            attn_dropout=attn_dropout, out=out, ws=ws, name=name)
+                                            attn_dropout=attn_dropout, out=out, ws=ws, name=name,
+                                            keep_probs=keep_probs)
 
 
 def self_attention_backward(dout, cache, d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_proj, db_proj, *,
@@ -153,10 +154,11 @@ def self_attention_backward(dout, cache, d_ln_w, d_ln_b, dw_qkv, db_qkv, dw_proj
 
 def cross_attention_forward(x, enc, ln_w, ln_b, w_q, b_q, w_kv, b_kv, w_proj, b_proj,
                             n_head: int, *, key_bias=None, attn_dropout=None, out=None,
-                            ws: Workspace, name: str):
+                            ws: Workspace, name: str, keep_probs: bool = True):
     """proj(attention(q = LN(x) W_q, k | v = enc W_kv)); x (B, Tq, C), enc (B, Tk, C).
 
-    key_bias (B, 1, 1, Tk): -inf on padded encoder positions.
+    key_bias (B, 1, 1, Tk): -inf on padded encoder positions. keep_probs: see
+    ``attention.attention_forward``.
     """
     b, t, c = x.shape
     s = enc.shape[1]
@@ -168,7 +170,8 @@ def cross_attention_forward(x, enc, ln_w, ln_b, w_q, b_q, w_kv, b_kv, w_proj, b_
     y = ws.get(name + ".y", (b, t, n_head, hs), dt)
     _, att_cache = attention_forward(split_heads(q.reshape(b, t, c), n_head), k, v, causal=False,
                                      attn_bias=key_bias, dropout=attn_dropout,
-                                     out=y.transpose(0, 2, 1, 3), ws=ws, name=name)
+                                     out=y.transpose(0, 2, 1, 3), ws=ws, name=name,
+                                     keep_probs=keep_probs)
     proj, proj_cache = linear_forward(y.reshape(b, t, c), w_proj, b_proj, ws, name + ".proj", out)
     return proj, (q_cache, kv_cache, att_cache, proj_cache, n_head, s)
 
@@ -227,12 +230,16 @@ def _add_branch(x, branch, mask) -> None:
 
 def encoder_block_forward(x, P: dict, p: str, n_head: int, *, key_bias=None,
                           drop: Optional[Dropout] = None, site: int = 0,
-                          full_length: Optional[int] = None, ws: Workspace):
+                          full_length: Optional[int] = None, ws: Workspace,
+                          names: Optional[str] = None, keep_probs: bool = True):
     """x += attn(LN1 x); x += mlp(LN2 x), in place on the residual stream x (B, T, C).
 
     Dropout sites used: site (attention probabilities), site+1, site+2 (branches).
     full_length: the unpadded size T_max attention-probability masks are drawn at.
+    names: prefix of the activations' workspace names (default p; recomputation shares
+    one set between blocks). keep_probs: see ``attention.attention_forward``.
     """
+    names = p if names is None else names
     b, t, c = x.shape
     drop = drop or Dropout(ws.xp, None, 0.0, x.dtype)
     tf = full_length or t
@@ -243,11 +250,11 @@ def encoder_block_forward(x, P: dict, p: str, n_head: int, *, key_bias=None,
                                      P.get(p + "attn.qkv.b"), P[p + "attn.proj.w"],
                                      P.get(p + "attn.proj.b"), n_head, causal=False,
                                      key_bias=key_bias, attn_dropout=att_mask, out=branch,
-                                     ws=ws, name=p + "attn")
+                                     ws=ws, name=names + "attn", keep_probs=keep_probs)
     _add_branch(x, a, attn_mask)
     m, mlp = mlp_forward(x, P[p + "ln2.w"], P.get(p + "ln2.b"), P[p + "mlp.fc.w"],
                          P.get(p + "mlp.fc.b"), P[p + "mlp.proj.w"], P.get(p + "mlp.proj.b"),
-                         out=branch, ws=ws, name=p + "mlp")
+                         out=branch, ws=ws, name=names + "mlp")
     _add_branch(x, m, mlp_mask)
     return attn, attn_mask, mlp, mlp_mask
 
@@ -266,12 +273,15 @@ def encoder_block_backward(dx, cache, G: dict, p: str, *, ws: Workspace) -> None
 
 def decoder_block_forward(x, enc, P: dict, p: str, n_head: int, *, enc_bias=None,
                           drop: Optional[Dropout] = None, site: int = 0,
-                          full_lengths: Optional[tuple] = None, ws: Workspace):
+                          full_lengths: Optional[tuple] = None, ws: Workspace,
+                          names: Optional[str] = None, keep_probs: bool = True):
     """x += causal_attn(LN1 x); x += cross_attn(LN2 x, enc); x += mlp(LN3 x), in place.
 
     Dropout sites: site .. site+4. full_lengths (T_max, S_max): the unpadded sizes
-    attention-probability masks are drawn at (see ``Dropout``).
+    attention-probability masks are drawn at (see ``Dropout``). names, keep_probs: as
+    ``encoder_block_forward``.
     """
+    names = p if names is None else names
     b, t, c = x.shape
     s = enc.shape[1]
     drop = drop or Dropout(ws.xp, None, 0.0, x.dtype)
@@ -283,18 +293,19 @@ def decoder_block_forward(x, enc, P: dict, p: str, n_head: int, *, enc_bias=None
     a, attn = self_attention_forward(x, P[p + "ln1.w"], P.get(p + "ln1.b"), P[p + "attn.qkv.w"],
                                      P.get(p + "attn.qkv.b"), P[p + "attn.proj.w"],
                                      P.get(p + "attn.proj.b"), n_head, causal=True,
-                                     attn_dropout=self_att, out=branch, ws=ws, name=p + "attn")
+                                     attn_dropout=self_att, out=branch, ws=ws, name=names + "attn",
+                                     keep_probs=keep_probs)
     _add_branch(x, a, masks[0])
     ca, cross = cross_attention_forward(x, enc, P[p + "ln2.w"], P.get(p + "ln2.b"),
                                         P[p + "cross.q.w"], P.get(p + "cross.q.b"),
                                         P[p + "cross.kv.w"], P.get(p + "cross.kv.b"),
                                         P[p + "cross.proj.w"], P.get(p + "cross.proj.b"), n_head,
                                         key_bias=enc_bias, attn_dropout=cross_att, out=branch,
-                                        ws=ws, name=p + "cross")
+                                        ws=ws, name=names + "cross", keep_probs=keep_probs)
     _add_branch(x, ca, masks[1])
     m, mlp = mlp_forward(x, P[p + "ln3.w"], P.get(p + "ln3.b"), P[p + "mlp.fc.w"],
                          P.get(p + "mlp.fc.b"), P[p + "mlp.proj.w"], P.get(p + "mlp.proj.b"),
-                         out=branch, ws=ws, name=p + "mlp")
+                         out=branch, ws=ws, name=names + "mlp")
     _add_branch(x, m, masks[2])
     return attn, cross, mlp, masks
 

@@ -31,8 +31,6 @@ from hpcps.model.attention import self_attention_backward, self_attention_forwar
 from hpcps.model.blas import blas_threads, blas_threads_limited, can_set_blas_threads
 from hpcps.model.checks import check_dropout_keys, check_flat_buffer
 from hpcps.model.layers import (
-    cross_entropy_backward,
-    cross_entropy_forward,
     dropout_mask,
     embedding_backward,
     gelu_backward,
@@ -43,6 +41,9 @@ from hpcps.model.layers import (
     linear_forward,
 )
 from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
+from hpcps.model.lm_head import head_loss
+from hpcps.model.memory import TransformerShape, model_bytes
+from hpcps.model.recompute import BlockActivations, check_recompute
 from hpcps.model.workspace import Workspace
 
 _MAX_WORKSPACES = 8   # (B, T, dtype, shard) kept warm: train and eval shards, sampling
@@ -93,11 +94,12 @@ class GPT:
     def __init__(self, *, vocab_size: int, n_layer: int, n_head: int, n_embd: int,
                  block_size: int, bias: bool = False, dropout: float = 0.0,
                  tie_embeddings: bool = True, backend: Backend = CPU,
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, recompute: str = "none") -> None:
         """threads (CPU only): the batch is cut into this many shards that run in
         parallel threads, each with single-threaded BLAS (elementwise NumPy work then
         uses every core too). None: as many as NumPy's BLAS threads when their number
-        can be controlled, else 1; 1: one shard, BLAS threads as configured."""
+        can be controlled, else 1; 1: one shard, BLAS threads as configured.
+        recompute: what the forward keeps for the backward (``hpcps.model.recompute``)."""
         for key, val in (("vocab_size", vocab_size), ("n_layer", n_layer), ("n_head", n_head),
                          ("n_embd", n_embd), ("block_size", block_size)):
             if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 1:
@@ -111,6 +113,7 @@ class GPT:
         self.bias, self.dropout, self.tie_embeddings = bool(bias), float(dropout), tie_embeddings
         self.backend = backend
         self.xp = backend.xp
+        self.recompute = check_recompute(recompute)
         self.layout = build_layout(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd,
                                    block_size=block_size, bias=bias, tie_embeddings=tie_embeddings)
         self._workspaces: OrderedDict = OrderedDict()
@@ -161,7 +164,11 @@ class GPT:
         idx, _ = self._check_batch(idx, None)
         self._check_buffer(params, "params")
         ws = self._workspace(idx.shape, params.dtype)
-        logits, _ = self._forward(self._views(params), idx, None, ws)
+        P = self._views(params)
+        x, _ = self._forward(P, idx, None, ws, for_backward=False)
+        head = P["wte"] if self.tie_embeddings else P["lm_head.w"]
+        logits, _ = layernorm_linear_forward(x, P["lnf.w"], P.get("lnf.b"), head, ws=ws,
+                                             name="head")
         return logits.reshape(idx.shape + (self.vocab_size,)).copy()
 
     def flops_per_token(self) -> float:
@@ -171,6 +178,15 @@ class GPT:
         if not self.tie_embeddings:
             n -= self.layout["wte"].size
         return 6.0 * n + 12.0 * self.n_layer * self.n_embd * self.block_size
+
+    def memory_bytes(self, batch: int, recompute: Optional[str] = None) -> dict:
+        """{term: bytes} a training step over ``batch`` sequences holds beyond the params and
+        grads buffers (activations, logits, scratch, extra shard gradients), with this
+        model's recomputation or the one given."""
+        shape = TransformerShape(self.n_layer, self.n_head, self.n_embd, self.block_size,
+                                 self.vocab_size, self.bias, self.dropout)
+        sizes = [sl.stop - sl.start for sl in self._shard_slices(batch)]
+        return model_bytes(shape, sizes, recompute or self.recompute, self.layout.total)
 
     # -- batch shards in threads (CPU) ---------------------------------------------------
 
@@ -335,16 +351,24 @@ class GPT:
     # -- forward / backward ------------------------------------------------------------
 
     def _step(self, P, G, idx, targets, keys, ws: Workspace, dloss: float, notify):
-        logits, caches = self._forward(P, idx, keys, ws)
-        loss, xent_cache = cross_entropy_forward(logits, targets, ws=ws, name="xent")
-        self._backward(G, cross_entropy_backward(xent_cache, dloss), caches, ws, notify)
+        x, caches = self._forward(P, idx, keys, ws)
+        # every gradient tensor is overwritten by its one backward, except the token table
+        # (tied: the head writes it, the lookup adds; untied: only the lookup adds)
+        if not self.tie_embeddings:
+            G["wte"].fill(0)
+        head = "wte" if self.tie_embeddings else "lm_head.w"
+        loss, dx = head_loss(x, P["lnf.w"], P.get("lnf.b"), P[head], targets, ws,
+                             grads=(G["lnf.w"], G.get("lnf.b"), G[head]), dloss=dloss)
+        self._backward(G, dx, caches, ws, notify)
         return loss
 
     def _eval_loss(self, P, idx, targets, ws: Workspace):
-        logits, _ = self._forward(P, idx, None, ws)
-        return cross_entropy_forward(logits, targets, ws=ws, name="xent")[0]
+        x, _ = self._forward(P, idx, None, ws, for_backward=False)
+        head = P["wte"] if self.tie_embeddings else P["lm_head.w"]
+        return head_loss(x, P["lnf.w"], P.get("lnf.b"), head, targets, ws)[0]
 
-    def _forward(self, P: dict, idx, keys, ws: Workspace):
+    def _forward(self, P: dict, idx, keys, ws: Workspace, for_backward: bool = True):
+        """The residual stream after the last block, and what the backward needs."""
         # each LayerNorm is fused into the linear that reads it (ln1 -> qkv, ln2 -> fc, lnf -> head)
         xp = self.xp
         b, t = idx.shape
@@ -358,52 +382,51 @@ class GPT:
             x *= emb_mask
         # branch outputs are added to x at once and not needed by the backward: shared scratch
         branch = ws.get("tmp.branch", (b * t, c), dt)
-        blocks = []
+        blocks = BlockActivations(self.recompute, ws, for_backward)
         for i in range(self.n_layer):
-            p = f"h{i}."
-            att_mask = self._mask(keys, 1 + 3 * i, (h, t, t), dt)
-            attn_mask = self._mask(keys, 2 + 3 * i, (t, c), dt)
-            mlp_mask = self._mask(keys, 3 + 3 * i, (t, c), dt)
-            a, attn = self_attention_forward(x, P[p + "attn.qkv.w"], P.get(p + "attn.qkv.b"),
-                                             P[p + "attn.proj.w"], P.get(p + "attn.proj.b"), h,
-                                             causal=True, ln=(P[p + "ln1.w"], P.get(p + "ln1.b")),
-                                             attn_dropout=att_mask, out=branch, ws=ws,
-                                             name=p + "attn")
-            if attn_mask is not None:
-                a *= attn_mask
-            x += a
-            # the fc output is only the GELU input (GELU caches its derivative): shared scratch
-            f, fc = layernorm_linear_forward(x, P[p + "ln2.w"], P.get(p + "ln2.b"),
-                                             P[p + "mlp.fc.w"], P.get(p + "mlp.fc.b"),
-                                             out=ws.get("tmp.fc.out", (b * t, 4 * c), dt),
-                                             ws=ws, name=p + "fc")
-            g, gelu = gelu_forward(f, ws, p + "gelu")
-            m, proj = linear_forward(g, P[p + "mlp.proj.w"], P.get(p + "mlp.proj.b"), ws,
-                                     p + "mproj", out=branch)
-            if mlp_mask is not None:
-                m *= mlp_mask
-            x += m
-            blocks.append((attn, attn_mask, fc, gelu, proj, mlp_mask))
-        head = P["wte"] if self.tie_embeddings else P["lm_head.w"]
-        logits, head_cache = layernorm_linear_forward(x, P["lnf.w"], P.get("lnf.b"), head,
-                                                      ws=ws, name="head")
-        return logits, (idx, emb_mask, blocks, head_cache)
+            blocks.forward(i, x, lambda xi, prefix, i=i: self._block_forward(
+                P, xi, i, keys, ws, branch, prefix, blocks.keep_probs))
+        return x, (idx, emb_mask, blocks)
 
-    def _backward(self, G: dict, dlogits, caches, ws: Workspace, notify) -> None:
-        idx, emb_mask, blocks, head_cache = caches
+    def _block_forward(self, P: dict, x, i: int, keys, ws: Workspace, branch, prefix: str,
+                       keep_probs: bool) -> tuple:
+        """x += attn(LN1 x); x += mlp(LN2 x) for block i, activations under ``prefix``."""
+        b, t, c = x.shape
+        h, dt = self.n_head, x.dtype
+        p = f"h{i}."
+        att_mask = self._mask(keys, 1 + 3 * i, (h, t, t), dt)
+        attn_mask = self._mask(keys, 2 + 3 * i, (t, c), dt)
+        mlp_mask = self._mask(keys, 3 + 3 * i, (t, c), dt)
+        a, attn = self_attention_forward(x, P[p + "attn.qkv.w"], P.get(p + "attn.qkv.b"),
+                                         P[p + "attn.proj.w"], P.get(p + "attn.proj.b"), h,
+                                         causal=True, ln=(P[p + "ln1.w"], P.get(p + "ln1.b")),
+                                         attn_dropout=att_mask, out=branch, ws=ws,
+                                         name=prefix + "attn", keep_probs=keep_probs)
+        if attn_mask is not None:
+            a *= attn_mask
+        x += a
+        # the fc output is only the GELU input (GELU caches its derivative): shared scratch
+        f, fc = layernorm_linear_forward(x, P[p + "ln2.w"], P.get(p + "ln2.b"),
+                                         P[p + "mlp.fc.w"], P.get(p + "mlp.fc.b"),
+                                         out=ws.get("tmp.fc.out", (b * t, 4 * c), dt),
+                                         ws=ws, name=prefix + "fc")
+        g, gelu = gelu_forward(f, ws, prefix + "gelu")
+        m, proj = linear_forward(g, P[p + "mlp.proj.w"], P.get(p + "mlp.proj.b"), ws,
+                                 prefix + "mproj", out=branch)
+        if mlp_mask is not None:
+            m *= mlp_mask
+        x += m
+        return attn, attn_mask, fc, gelu, proj, mlp_mask
+
+    def _backward(self, G: dict, dx, caches, ws: Workspace, notify) -> None:
+        """dx: the gradient of the last block's output (the head's input-gradient buffer,
+        the residual-stream gradient from here on)."""
+        idx, emb_mask, blocks = caches
         b, t = idx.shape
-        # every gradient tensor is overwritten by its one backward, except the token table
-        # (tied: the head writes it, the lookup adds; untied: only the lookup adds)
-        if not self.tie_embeddings:
-            G["wte"].fill(0)
-        head = G["wte"] if self.tie_embeddings else G["lm_head.w"]
-        # the head's input-gradient buffer is the residual-stream gradient from here on
-        dx = layernorm_linear_backward(dlogits, head_cache, G["lnf.w"], G.get("lnf.b"), head,
-                                       None, ws, "bwd.head", accumulate=False)
         notify(0)
         for i in reversed(range(self.n_layer)):
             p = f"h{i}."
-            attn, attn_mask, fc, gelu, proj, mlp_mask = blocks[i]
+            attn, attn_mask, fc, gelu, proj, mlp_mask = blocks.cache(i)
             dm = dx if mlp_mask is None else self._masked(dx, mlp_mask, ws)
             dg = linear_backward(dm, proj, G[p + "mlp.proj.w"], G.get(p + "mlp.proj.b"), ws,
                                  "bwd.mproj", accumulate=False)

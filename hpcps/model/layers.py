@@ -352,8 +352,12 @@ def gelu_backward(dout, cache, ws: Optional[Workspace] = None, name: str = "gelu
 # -- softmax cross-entropy -------------------------------------------------------------
 
 def cross_entropy_forward(logits, targets, ignore_index: int = -1,
-                          ws: Optional[Workspace] = None, name: str = "xent"):
-    """Mean over non-ignored targets of -log softmax(logits)[target] -> (loss array, cache)."""
+                          ws: Optional[Workspace] = None, name: str = "xent",
+                          in_place: bool = False):
+    """Mean over non-ignored targets of -log softmax(logits)[target] -> (loss array, cache).
+
+    in_place (NumPy): the probabilities (and then the backward's gradient) overwrite the
+    logits, which saves a (rows, vocab) array, the largest activation of a language model."""
     xp = array_module(logits)
     ws = scratch(ws, xp)
     v = logits.shape[-1]
@@ -362,17 +366,18 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -1,
     n, dt = l2.shape[0], logits.dtype
     if is_cupy(xp):
         return _cross_entropy_forward_fused(xp, l2, t, ignore_index, ws, name)
-    probs = ws.get(name + ".probs", (n, v), dt)
+    valid = t != ignore_index
+    safe_t = xp.where(valid, t, 0)
+    rows = xp.arange(n)
+    picked = l2[rows, safe_t]                         # read before in_place overwrites them
+    probs = l2 if in_place else ws.get(name + ".probs", (n, v), dt)
     row_max = l2.max(axis=1, keepdims=True)
     xp.subtract(l2, row_max, out=probs)
     xp.exp(probs, out=probs)
     total = xp.matmul(probs, ones(ws, v, dt))
-    valid = t != ignore_index
-    safe_t = xp.where(valid, t, 0)
-    rows = xp.arange(n)
     count = xp.maximum(valid.sum(), 1).astype(dt)
     # -log p[target] = log(sum exp(l - max)) - (l[target] - max)
-    nll = xp.log(total) - (l2[rows, safe_t] - row_max[:, 0])
+    nll = xp.log(total) - (picked - row_max[:, 0])
     loss = (nll * valid).sum() / count
     probs /= total[:, None]
     return loss, (probs, safe_t, valid, count)

@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+INIT_CHUNK = 1 << 20   # elements of a tensor's init stream drawn at a time
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -103,17 +105,28 @@ class ParamLayout:
             mask[a:b] = True
         return mask
 
-    def init_slice(self, seed: int, lo: int = 0, hi: Optional[int] = None) -> np.ndarray:
+    def init_slice(self, seed: int, lo: int = 0, hi: Optional[int] = None,
+                   out: Optional[np.ndarray] = None) -> np.ndarray:
         """Initial values of [lo, hi): each tensor drawn from its own (seed, index) stream,
-        so any shard can initialise its slice without the rest of the model."""
+        so any shard can initialise its slice without the rest of the model. out: the
+        (hi - lo,) float32 array to fill (e.g. a server's params window).
+
+        A tensor's stream is drawn in chunks up to the slice's end (a stream gives the
+        same numbers in pieces as in one draw), so memory stays O(slice + chunk) however
+        large the tensor a shard cuts into."""
         hi = self.total if hi is None else hi
-        out = np.empty(hi - lo, dtype=np.float32)
+        out = np.empty(hi - lo, dtype=np.float32) if out is None else out
         for s, a, b in self.overlapping(lo, hi):
             if s.init_std > 0:
                 rng = np.random.default_rng([seed, self._index[s.name]])
-                full = rng.standard_normal(s.size, dtype=np.float32)
-                full *= np.float32(s.init_std)
-                out[a - lo:b - lo] = full[a - s.offset:b - s.offset]
+                pos = s.offset
+                while pos < b:
+                    chunk = rng.standard_normal(min(INIT_CHUNK, b - pos), dtype=np.float32)
+                    first, last = max(a, pos), pos + chunk.size
+                    if first < last:
+                        piece = out[first - lo:last - lo]
+                        np.multiply(chunk[first - pos:], np.float32(s.init_std), out=piece)
+                    pos = last
             else:
                 out[a - lo:b - lo] = s.init_value
         return out

@@ -53,6 +53,7 @@ from hpcps.model.layers import (
     layernorm_linear_forward,
 )
 from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
+from hpcps.model.recompute import BlockActivations, check_recompute
 from hpcps.model.workspace import Workspace
 
 _MAX_WORKSPACES = 8
@@ -139,7 +140,9 @@ class Seq2Seq:
                  n_embd: int, max_src_len: int, max_tgt_len: int,
                  n_dec_layer: Optional[int] = None, bias: bool = False, dropout: float = 0.0,
                  tie_embeddings: bool = True, share_embeddings: bool = False,
-                 label_smoothing: float = 0.0, backend: Backend = CPU) -> None:
+                 label_smoothing: float = 0.0, backend: Backend = CPU,
+                 recompute: str = "none") -> None:
+        """recompute: what the forward keeps for the backward (``hpcps.model.recompute``)."""
         n_dec_layer = n_layer if n_dec_layer is None else n_dec_layer
         check_shape_args(src_vocab=src_vocab, tgt_vocab=tgt_vocab, n_layer=n_layer,
                          n_dec_layer=n_dec_layer, n_head=n_head, n_embd=n_embd,
@@ -164,6 +167,7 @@ class Seq2Seq:
         self.max_src_len, self.max_tgt_len = int(max_src_len), int(max_tgt_len)
         self.bias, self.dropout, self.tie_embeddings = bool(bias), float(dropout), tie_embeddings
         self.backend, self.xp = backend, backend.xp
+        self.recompute = check_recompute(recompute)
         self.layout = build_layout(src_vocab=self.src_vocab, tgt_vocab=self.tgt_vocab,
                                    n_layer=self.n_layer, n_dec_layer=self.n_dec_layer,
                                    n_embd=self.n_embd, max_src_len=self.max_src_len,
@@ -442,10 +446,11 @@ class Seq2Seq:
         drop = Dropout(self.xp, keys, self.dropout, dt)
         enc_bias = key_padding_bias(self.xp, src_len, src.shape[1], dt)
         x, emb_mask = self._embed(P[self.src_wte], P["enc.wpe"], src, drop, 0, ws, "enc.x")
-        blocks = [encoder_block_forward(x, P, f"enc.h{i}.", self.n_head, key_bias=enc_bias,
-                                        drop=drop, site=1 + 3 * i, full_length=self.max_src_len,
-                                        ws=ws)
-                  for i in range(self.n_layer)]
+        blocks = BlockActivations(self.recompute, ws, tag="enc.")
+        for i in range(self.n_layer):
+            blocks.forward(i, x, lambda xi, names, i=i: encoder_block_forward(
+                xi, P, f"enc.h{i}.", self.n_head, key_bias=enc_bias, drop=drop, site=1 + 3 * i,
+                full_length=self.max_src_len, ws=ws, names=names, keep_probs=blocks.keep_probs))
         enc, lnf = layernorm_forward(x, P["enc.lnf.w"], P.get("enc.lnf.b"), ws=ws, name="enc.lnf")
         return enc, enc_bias, (src, emb_mask, blocks, lnf)
 
@@ -455,10 +460,12 @@ class Seq2Seq:
         base = 1 + 3 * self.n_layer
         y, emb_mask = self._embed(P[self.tgt_wte], P["dec.wpe"], tgt_in, drop, base, ws, "dec.x")
         full = (self.max_tgt_len, self.max_src_len)
-        blocks = [decoder_block_forward(y, enc, P, f"dec.h{i}.", self.n_head, enc_bias=enc_bias,
-                                        drop=drop, site=base + 1 + DEC_SITES * i,
-                                        full_lengths=full, ws=ws)
-                  for i in range(self.n_dec_layer)]
+        blocks = BlockActivations(self.recompute, ws, tag="dec.")
+        for i in range(self.n_dec_layer):
+            blocks.forward(i, y, lambda yi, names, i=i: decoder_block_forward(
+                yi, enc, P, f"dec.h{i}.", self.n_head, enc_bias=enc_bias, drop=drop,
+                site=base + 1 + DEC_SITES * i, full_lengths=full, ws=ws, names=names,
+                keep_probs=blocks.keep_probs))
         head = P[self.tgt_wte] if self.tie_embeddings else P["lm_head.w"]
         logits, head_cache = layernorm_linear_forward(y, P["dec.lnf.w"], P.get("dec.lnf.b"), head,
                                                       ws=ws, name="dec.head")
@@ -480,7 +487,7 @@ class Seq2Seq:
         d_enc = ws.get("bwd.enc.out", enc_shape, dt)
         d_enc.fill(0)
         for i in reversed(range(self.n_dec_layer)):
-            decoder_block_backward(dy, d_enc, blocks[i], G, f"dec.h{i}.", ws=ws)
+            decoder_block_backward(dy, d_enc, blocks.cache(i), G, f"dec.h{i}.", ws=ws)
             notify(self.n_dec_layer - i)
         step = self.n_dec_layer + 1
         self._embedding_backward(dy, tgt_in, emb_mask, G[self.tgt_wte], G["dec.wpe"], ws)
@@ -490,7 +497,7 @@ class Seq2Seq:
                                      "bwd.enc.lnf", accumulate=False)
         notify(step + 1)
         for i in reversed(range(self.n_layer)):
-            encoder_block_backward(dx, enc_blocks[i], G, f"enc.h{i}.", ws=ws)
+            encoder_block_backward(dx, enc_blocks.cache(i), G, f"enc.h{i}.", ws=ws)
             notify(step + 1 + self.n_layer - i)
         if not self.share_embeddings:     # a shared table already holds the decoder's part
             G["enc.wte"].fill(0)

@@ -38,14 +38,6 @@ from hpcps.train.sync import GradReady, ignore_grad_ready
 INNER = "inner_"   # prefix of the inner optimizer's state in the worker's checkpoint file
 
 
-def replica_memory_bytes(cfg, n_params: int) -> int:
-    """What a replica adds to a worker: the inner optimizer's state and scratch (AdamW: m,
-    v, scratch; SGD: momentum, scratch) and the round's anchor, fp32 each."""
-    inner = 3 if cfg.train.optimizer == "adamw" else 2
-    streaming = 1 if cfg.ps.fragments > 1 else 0   # the fragment's delta
-    return 4 * n_params * (inner + 1 + streaming)
-
-
 def dynamic_round_length(H: int, own_step_s: float, published_s: np.ndarray) -> int:
     """asp, ``ps.dynamic_local_steps``: H scaled by this worker's mean step time against
     the fastest one published (0 = not yet known), so every worker's round takes about the

@@ -32,6 +32,7 @@ from hpcps.model.blas import rank_core_share, set_blas_threads
 from hpcps.optim import make_optimizer
 from hpcps.optim.outer import make_outer_optimizer
 from hpcps.optim.schedule import lr_schedule
+from hpcps.ps.memory import replica_bytes
 from hpcps.ps.options import check_fragments, check_options
 from hpcps.ps.roles import PS_MODES, Roles, build_roles
 from hpcps.ps.server import serve
@@ -40,8 +41,9 @@ from hpcps.ps.update_rules import rule_memory_bytes
 from hpcps.runtime import signals
 from hpcps.runtime.mpi import abort, agree_on_errors, cuda_aware_mpi, library_info, mpi
 from hpcps.train import init_from
-from hpcps.train.local_sync import LocalStepsSync, replica_memory_bytes
+from hpcps.train.local_sync import LocalStepsSync
 from hpcps.train.loop import Trainer
+from hpcps.train.memory import check_job_memory, describe_estimates, describe_peaks, peak_report
 from hpcps.train.peak import job_peak_flops
 from hpcps.train.ps_sync import PSSync
 from hpcps.train.sync import AllreduceSync, LocalSync
@@ -60,6 +62,7 @@ class RunContext:
     resume: Optional[ResumePoint]     # the checkpoint this run continues from, if any
     quiet: bool
     initial: Optional[CheckpointReader] = None   # train.init_from's weights (a fresh run only)
+    memory: Optional[list] = None     # every rank's estimate (hpcps.train.memory)
 
     @property
     def start_step(self) -> int:
@@ -75,6 +78,8 @@ def train_main(config_path, overrides, quiet: bool = False) -> int:
     comm = mpi().COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     ctx = agree_on_errors(comm, lambda: setup(config_path, overrides, comm, quiet))
+    ctx.memory = agree_on_errors(comm, lambda: check_job_memory(ctx.cfg, ctx.roles, ctx.workload,
+                                                                ctx.roles.comm))
     try:
         return run(ctx)
     except UserError as err:
@@ -167,6 +172,8 @@ def banner(ctx: RunContext, extra: str = "") -> None:
     elif ctx.initial is not None:
         lines.append(f"starting from the weights of {ctx.initial.path} (train.init_from; fresh "
                      f"optimizer and schedule at step 0)")
+    if ctx.memory:
+        lines.append(f"memory estimate per rank: {describe_estimates(ctx.memory)}")
     if extra:
         lines.append(extra)
     print("\n".join(lines), flush=True)
@@ -187,7 +194,23 @@ def run(ctx: RunContext) -> int:
         code = run_server(ctx, shards) if ctx.roles.is_server else run_worker(ctx, shards)
         shards.close()  # collective
     ctx.checkpointer.close()
+    _report_peaks(ctx)
     return code
+
+
+def _report_peaks(ctx: RunContext) -> None:
+    """Collective: rank 0 prints every rank's estimate beside its measured peak and keeps
+    both in OUT_DIR/memory.json."""
+    report = peak_report(ctx.memory or [], ctx.roles.comm)
+    if report is None:
+        return
+    if not ctx.quiet:
+        print(describe_peaks(report), flush=True)
+    try:
+        with open(os.path.join(ctx.cfg.out_dir, "memory.json"), "w", encoding="utf-8") as fh:
+            json.dump({"ranks": {str(r): v for r, v in report.items()}}, fh, indent=1)
+    except OSError as err:
+        print(f"warning: cannot write {ctx.cfg.out_dir}/memory.json: {err.strerror}", flush=True)
 
 
 def _memory_table(ctx: RunContext, shards: ShardSet) -> None:
@@ -200,7 +223,7 @@ def _memory_table(ctx: RunContext, shards: ShardSet) -> None:
         if roles.mode == "bsp" and ctx.cfg.ps.backup_workers:
             held += 4 * (hi - lo)
     elif ctx.cfg.ps.local_steps:   # the replica's inner optimizer state and the round's anchor
-        held += replica_memory_bytes(ctx.cfg, ctx.workload.layout.total)
+        held += replica_bytes(ctx.cfg, ctx.workload.layout.total)
     table = roles.comm.gather((roles.world_rank, "server" if roles.is_server else "worker",
                                held), root=0)
     if roles.world_rank == 0 and not ctx.quiet:
@@ -218,14 +241,22 @@ def run_server(ctx: RunContext, shards: ShardSet) -> int:
                                          fragments=shards.own_fragments())
     else:
         optimizer = make_optimizer(cfg, hi - lo, layout.decay_ranges(lo, hi))
+    # the initial params go straight into the params window: no second shard-sized array
+    params = shards.wins.local_params
     if ctx.resume is not None:
         state = ctx.resume.load_shard(lo, hi)
         optimizer.load_state(state)
-        params, version = state["params"], int(state["version"])
+        params[:] = state.pop("params")
+        version = int(state["version"])
+        del state
         if ctx.roles.mode == "bsp" and not local:  # one update per step (asp counts pushes,
             version = ctx.resume.step              # local steps count rounds)
+    elif ctx.initial is not None:
+        params[:] = initial_params(ctx, lo, hi)
+        version = 0
     else:
-        params, version = initial_params(ctx, lo, hi), 0
+        layout.init_slice(cfg.train.seed, lo, hi, out=params)
+        version = 0
 
     def save(reason, comm, shard) -> None:
         ctx.checkpointer.save(reason["step"], shard=shard, worker=None, reason=reason, comm=comm)

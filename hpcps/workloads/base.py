@@ -49,6 +49,18 @@ class Workload(ABC):
     def flops_per_item(self) -> float:
         return 0.0
 
+    def memory_bytes(self, batch: int, recompute: Optional[str] = None) -> dict[str, int]:
+        """{term: bytes} the model's training step over ``batch`` items holds beyond the flat
+        parameter and gradient buffers (the start-up memory check), with the configured
+        ``train.recompute`` or the one given. Empty for models whose activations are small
+        next to their parameters (skip-gram rows, the synthetic workload) or not yet
+        counted (the RNN, seq2seq)."""
+        return {}
+
+    def data_bytes(self) -> dict[str, int]:
+        """{term: bytes} of training data a worker loads into RAM."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Shape facts stored in checkpoint manifests and checked on resume."""
         return {"workload": self.name, "n_params": self.layout.total}

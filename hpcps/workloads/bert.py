@@ -90,7 +90,8 @@ class BertWorkload(TokenStreamWorkload):
                                 f"fewer than block_size+2 = {m.block_size + 2}")
         self.model = BertMLM(vocab_size=self.corpus_vocab + 1, n_layer=m.n_layer, n_head=m.n_head,
                              n_embd=m.n_embd, block_size=m.block_size, bias=m.bias,
-                             dropout=m.dropout, backend=backend)
+                             dropout=m.dropout, backend=backend,
+                             recompute=cfg.train.recompute)
         self.layout = self.model.layout
         self.tokens_per_item = m.block_size
         self.seed = cfg.train.seed
@@ -108,6 +109,9 @@ class BertWorkload(TokenStreamWorkload):
                            vocab_size=self.corpus_vocab, mask_id=self.mask_id,
                            mask_prob=bc.mask_prob, mask_token_prob=bc.mask_token_prob,
                            random_token_prob=bc.random_token_prob)
+
+    def memory_bytes(self, batch, recompute=None):
+        return self.model.memory_bytes(batch, self.cfg.bert.mask_prob, recompute)
 
     def train_batch(self, step, lo, hi):
         return self.masked_batch("train", step, lo, hi)

@@ -65,6 +65,15 @@ class TokenStreamWorkload(Workload):
     def flops_per_item(self):
         return self.model.flops_per_token() * self.block_size
 
+    def data_bytes(self):
+        """The splits ``load_split`` reads into RAM (the others stay in the file)."""
+        item = np.dtype(self.corpus.token_dtype).itemsize
+        sizes = [self.corpus.split(name).n_tokens * item for name in ("train", "val")]
+        return {"corpus": sum(n for n in sizes if n <= self.cfg.data.in_memory_mb * 1024 * 1024)}
+
+    def memory_bytes(self, batch, recompute=None):
+        return self.model.memory_bytes(batch, recompute)
+
     def describe_stream(self, vocab_size: int) -> dict:
         """The checkpoint description both transformers share: shape and tokenizer."""
         return stream_description(self.name, self.cfg.model, self.layout.total, vocab_size,
@@ -82,7 +91,8 @@ class GPTWorkload(TokenStreamWorkload):
         self.block_size = m.block_size
         self.model = GPT(vocab_size=self.vocab_size, n_layer=m.n_layer, n_head=m.n_head,
                          n_embd=m.n_embd, block_size=m.block_size, bias=m.bias, dropout=m.dropout,
-                         tie_embeddings=m.tie_embeddings, backend=backend)
+                         tie_embeddings=m.tie_embeddings, backend=backend,
+                         recompute=cfg.train.recompute)
         self.layout = self.model.layout
         self.tokens_per_item = m.block_size
         self.seed = cfg.train.seed

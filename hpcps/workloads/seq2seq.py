@@ -130,7 +130,8 @@ class Seq2SeqWorkload(Workload):
                              n_embd=m.n_embd, max_src_len=self.max_src, max_tgt_len=self.max_tgt,
                              bias=m.bias, dropout=m.dropout, tie_embeddings=m.tie_embeddings,
                              share_embeddings=sc.share_embeddings,
-                             label_smoothing=sc.label_smoothing, backend=backend)
+                             label_smoothing=sc.label_smoothing, backend=backend,
+                             recompute=cfg.train.recompute)
         self.layout = self.model.layout
         self.seed = cfg.train.seed
         self.dropout = m.dropout

@@ -30,7 +30,15 @@ class SyntheticWorkload(Workload):
             self.layout.add("tail", (n - rows * 64,), value=0.0)
         else:
             self.layout.add("w", (rows, 64), value=0.0)
-        self.pattern = (1 + np.arange(self.layout.total) % 5).astype(np.float32)
+        self._pattern = None
+
+    @property
+    def pattern(self) -> np.ndarray:
+        """Built on first use: only workers need it (a server holding a whole-model array
+        would need memory that grows with the model, not with its shard)."""
+        if self._pattern is None:
+            self._pattern = (1 + np.arange(self.layout.total) % 5).astype(np.float32)
+        return self._pattern
 
     def train_batch(self, step, lo, hi):
         return (lo, hi)
