@@ -447,3 +447,18 @@ def test_bench_train_local_experiment_reports_every_part(shakespeare_corpus):
     # 8 steps of ~25 KB pulls and pushes at 0.01 Gb/s: ~0.3 s per step for bsp
     assert report["throttled"]["speedup"] > 1.5
     assert set(report["straggler"]["runs"]) == {"bsp", "bsp H=2", "asp H=2", "asp H=2 naive"}
+
+
+def test_plan_predicts_local_steps_on_the_cluster(capsys):
+    from train_util import cli
+    code, out, err = cli(capsys, "plan", "configs/gpt2_124m.toml", "--ranks", "320", "--nodes",
+                         "64")
+    assert code == 0, err
+    # bsp stays communication-bound: the advice names local steps with their compute share
+    assert "local steps sync once per H steps (ps.local_steps=50: 83 ms per step, compute 89 %" \
+        in out
+    code, out, err = cli(capsys, "plan", "configs/gpt2_124m.toml", "--ranks", "320", "--nodes",
+                         "64", "ps.mode=bsp", "ps.local_steps=50", "ps.hierarchy=node")
+    assert code == 0, err
+    # docs/scaling.md's local-steps column: 78.6 ms, 93 % (the plan's compute is 74 ms)
+    assert "with ps.local_steps=50: 79 ms per inner step, compute share 93 %" in out
