@@ -461,9 +461,11 @@ class Server:
 
     # -- state for checkpoints -----------------------------------------------------
     def snapshot(self) -> dict:
-        state = {k: (np.array(v, copy=True) if hasattr(v, "shape") else v)
-                 for k, v in self.opt.state().items()}
-        state["params"] = np.array(self.state, copy=True)
+        """The shard's state for a checkpoint, as views: the writer copies what a background
+        save must keep while training goes on, and a final save (stop, end) copies nothing
+        (a copy here would hold the shard's params and optimizer state twice)."""
+        state = dict(self.opt.state())
+        state["params"] = self.state
         state["version"] = self.version
         return state
 
