@@ -69,6 +69,7 @@ class PullHandle:
     locked: list = field(default_factory=list)     # ranks whose gate we hold
     requests: list = field(default_factory=list)   # their Rget requests
     done: bool = False
+    fragment: Optional[int] = None                 # streaming: only this fragment's ranges
 
 
 @dataclass
@@ -89,7 +90,6 @@ class PSClient:
         # streaming local steps: a push or pull of one fragment (None: whole shards)
         self.fragments, self.fragment_codecs = shards.fragments, shards.fragment_codecs
         self._push_codecs = self.codecs   # the encodings of the push being sent
-        self._pull_fragment: Optional[int] = None
         self.params = params
         self.duties = duties
         self.mode = roles.mode
@@ -153,8 +153,7 @@ class PSClient:
     def pull(self, step: int, fragment: Optional[int] = None) -> PullHandle:
         """Start fetching every shard (or only fragment ``fragment`` of each, streaming
         local steps); in bsp a shard is fetched once it holds step ``step``."""
-        self._pull_fragment = fragment
-        handle = PullHandle(step)
+        handle = PullHandle(step, fragment=fragment)
         pending = list(range(self.S))
         backoff = Backoff()
         bsp = self.mode == "bsp"
@@ -208,8 +207,8 @@ class PSClient:
             return False
         # the server moves VERSION only while the gate is closed: this read matches the data
         self.pulled_version[s] = self.wins.read(rank, C.VERSION)
-        parts = ([(0, hi - lo)] if self._pull_fragment is None
-                 else self.fragment_codecs[s][self._pull_fragment].ranges)
+        parts = ([(0, hi - lo)] if handle.fragment is None
+                 else self.fragment_codecs[s][handle.fragment].ranges)
         for a, b in parts:   # shard-relative ranges
             handle.requests.append(self.wins.params.Rget(
                 [self.params[lo + a:lo + b], MPI.FLOAT], rank, (G_PARAMS + a, b - a, MPI.FLOAT)))

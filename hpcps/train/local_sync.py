@@ -86,7 +86,6 @@ class LocalStepsSync:
         self.round_length = self.H // len(self.fragments) if self.fragments else self.H
         self._open_round()
         self.round_open = False     # False: the next pull is a whole pull of the global params
-        self.drifted = 0            # inner steps since the last whole pull
         self.next_round = 0         # bsp: the round whose params the next pull waits for
         self.step_time_sum = 0.0    # this replica's compute seconds over its inner steps
         self.steps_timed = 0
@@ -133,7 +132,6 @@ class LocalStepsSync:
             self.ps.pull_from_servers(self.next_round)
             self.anchor[...] = self.params
             self.round_open = True
-            self.drifted = 0
             self.fragment_drift = [0] * len(self.fragment_drift)
             self.next_round = self.ps.pulled_version() if self.ps.mode == "bsp" else 0
             if self.dynamic:
@@ -155,9 +153,13 @@ class LocalStepsSync:
         """Evaluation reads the global params: the replica's at a round's start (where
         every scheduled evaluation of bsp falls when eval_every is a multiple of H), else
         the anchor, the global params of this round."""
-        if self.owns_replica and self.round_open and self.drifted:
+        if self.owns_replica and self.round_open and self._drifted():
             return self.anchor
         return params
+
+    def _drifted(self) -> bool:
+        """The replica took inner steps that the servers have not seen yet."""
+        return any(self.fragment_drift) if self.fragments else self.steps_in_round > 0
 
     def push(self, step: int, grads, weight: float, loss: float, items: int,
              compute_s: float = 0.0) -> dict:
@@ -175,7 +177,6 @@ class LocalStepsSync:
         self.items += items
         self.compute_s += compute_s
         self.steps_in_round += 1
-        self.drifted += 1
         self.fragment_drift = [d + 1 for d in self.fragment_drift]
         self.step_time_sum += compute_s
         self.steps_timed += 1
@@ -191,12 +192,11 @@ class LocalStepsSync:
     def before_meet(self, step: int) -> dict:
         """A sync point closes the open round: its delta counts before the meeting."""
         stats: dict = {}
-        if self.owns_replica and self.drifted:
-            if self.fragments:   # sync, in round order, until no fragment has drifted
-                while any(self.fragment_drift):
-                    stats = self._push_fragment(step - 1)
-            elif self.steps_in_round:
-                stats = self._push_round(step - 1)
+        if self.owns_replica and self.fragments:   # in round order, until none drifted
+            while self._drifted():
+                stats = self._push_fragment(step - 1)
+        elif self.owns_replica and self._drifted():
+            stats = self._push_round(step - 1)
         self.round_open = False
         return stats
 
@@ -207,18 +207,24 @@ class LocalStepsSync:
         steps = self.steps_in_round
         if self.dynamic:
             self.ps.coordination.publish_step_time(self.step_time_sum / self.steps_timed)
-        round_index = self.ps.pulled_version() if self.ps.mode == "bsp" else step
+        round_index = self.next_round if self.ps.mode == "bsp" else step
         stats = self.ps.push_prepared(round_index, delta, self.weight, mean_loss, self.items,
                                       self.compute_s)
         self.next_round = round_index + 1
         self._open_round()
         self.round_open = False
-        out = {"round_steps": steps}
+        return self._round_record(stats, steps)
+
+    def _round_record(self, stats: dict, steps: int, **extra) -> dict:
+        """What the step record adds for a round's push: its inner steps and, for the lead,
+        what the servers published (bsp: the round's mean loss over all workers and the
+        outer norm; a round's items are left out, they would spike one record's tokens/s)."""
+        out = {"round_steps": steps, **extra}
         if self.is_lead:
             out.update({k: v for k, v in stats.items() if k not in ("loss", "grad_norm")})
-            if self.ps.mode == "bsp":   # the round's mean over all workers, the outer norm
+            if self.ps.mode == "bsp":
                 out["round_loss"], out["outer_norm"] = stats["loss"], stats["grad_norm"]
-                out.pop("items_applied", None)   # a round's items would spike one record
+                out.pop("items_applied", None)
         return out
 
     def _push_fragment(self, step: int) -> dict:
@@ -242,12 +248,7 @@ class LocalStepsSync:
         self.next_round = r + 1
         self.fragment_drift[f] = 0
         self._open_round()
-        out = {"round_steps": steps, "fragment": f}
-        if self.is_lead:
-            out.update({k: v for k, v in stats.items()
-                        if k not in ("loss", "grad_norm", "items_applied")})
-            out["round_loss"], out["outer_norm"] = stats["loss"], stats["grad_norm"]
-        return out
+        return self._round_record(stats, steps, fragment=f)
 
     def worker_state(self) -> dict:
         """The inner optimizer's state (its replica is the global params after the sync
