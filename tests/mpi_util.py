@@ -249,6 +249,13 @@ def mismatches(ours: list[dict], ref: list[dict], rel: float = 1e-5) -> list[str
 
 
 # -- hpcps train command lines -----------------------------------------------------------------
+# the synthetic workload under SGD at lr 1 with integer gradients (worker w at batch 1 pushes
+# (w + 1) * (1 + i % 5)): the final parameters are an exact sum, so a lost, duplicated or torn
+# update shows up as a wrong number
+EXACT_SGD = ["workload=synthetic", "train.optimizer=sgd", "train.momentum=0",
+             "train.weight_decay=0", "train.grad_clip=0", "train.lr=1", "train.min_lr=1",
+             "train.warmup_steps=0", "train.batch_size=1", "train.eval_every=0",
+             "train.peak_flops=1e9"]
 SHAKESPEARE_CHAR = "configs/shakespeare_char.toml"
 
 # a model that takes a few ms per step; the schedule does not depend on max_steps, so a

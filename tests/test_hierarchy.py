@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 from mpi_util import (
+    EXACT_SGD as SGD_BASE,
     IMPLEMENTATIONS,
     SHAKESPEARE_CHAR,
     Job,
@@ -40,10 +41,7 @@ BATCH = 2
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
         "train.max_steps=6", "train.warmup_steps=2", "train.eval_every=0", "train.eval_steps=2",
         "train.peak_flops=1e9", f"train.batch_size={BATCH}", "ps.servers=2"]
-EXACT_SGD = ["workload=synthetic", "train.optimizer=sgd", "train.momentum=0",
-             "train.weight_decay=0", "train.grad_clip=0", "train.lr=1", "train.min_lr=1",
-             "train.warmup_steps=0", "train.batch_size=1", "train.eval_every=0",
-             "train.peak_flops=1e9", "ps.servers=2", "synthetic.n_params=301"]
+EXACT_SGD = [*SGD_BASE, "ps.servers=2", "synthetic.n_params=301"]
 
 
 @pytest.fixture(params=[f"{impl}+nodes3" for impl in IMPLEMENTATIONS])

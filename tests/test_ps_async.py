@@ -7,15 +7,9 @@ import json
 import math
 
 import pytest
-from mpi_util import check_ok, describe, read_metrics, run_mpi
+from mpi_util import EXACT_SGD, check_ok, describe, read_metrics, run_mpi
 
 pytestmark = pytest.mark.mpi
-
-# SGD at lr 1 with integer gradients: the final parameters are an exact integer sum
-EXACT_SGD = ["workload=synthetic", "train.optimizer=sgd", "train.momentum=0",
-             "train.weight_decay=0", "train.grad_clip=0", "train.lr=1", "train.min_lr=1",
-             "train.warmup_steps=0", "train.batch_size=1", "train.eval_every=0",
-             "train.peak_flops=1e9"]
 
 
 def expected_param_sum(steps: int, workers: int, n_params: int) -> float:

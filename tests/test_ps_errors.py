@@ -41,6 +41,14 @@ CASES = {
     "unknown_mode": (3, ["ps.mode=aps"], "'ps.mode': 'aps' is not one of"),
     "unknown_compression": (3, ["ps.compression=zip"], "'ps.compression': 'zip' is not one of"),
     "single_with_ranks": (2, ["ps.mode=single"], "ps.mode = single runs one process"),
+    # fewer receive slots than pushers only where a bsp step's pushes can take turns
+    "slots_asp": (4, ["ps.mode=asp", "ps.slots=2"],
+                  "ps.slots = 2 is fewer than the 3 pushers, which needs bsp without backup "
+                  "workers (ps.mode = asp applies each push on its own)"),
+    "slots_ssp": (4, ["ps.mode=ssp", "ps.slots=1"], "ps.slots = 1 is fewer than the 3 pushers"),
+    "slots_backup": (4, ["ps.mode=bsp", "ps.backup_workers=1", "ps.slots=2"],
+                     "(ps.backup_workers leaves late pushes in their slots)"),
+    "slots_zero": (3, ["ps.mode=bsp", "ps.slots=0"], "'ps.slots': must be >= 1, got 0"),
 }
 
 

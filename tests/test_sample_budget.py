@@ -21,14 +21,12 @@ from collections import Counter
 
 import pytest
 
+from mpi_util import EXACT_SGD as SGD_BASE
 from mpi_util import Job, check_ok, read_metrics, run_mpi, run_ok
 
 pytestmark = pytest.mark.mpi
 
-EXACT_SGD = ["workload=synthetic", "train.optimizer=sgd", "train.momentum=0",
-             "train.weight_decay=0", "train.grad_clip=0", "train.lr=1", "train.min_lr=1",
-             "train.warmup_steps=0", "train.batch_size=1", "train.eval_every=0",
-             "train.peak_flops=1e9", "synthetic.n_params=501", "ps.servers=1"]
+EXACT_SGD = [*SGD_BASE, "synthetic.n_params=501", "ps.servers=1"]
 PATTERN = sum(1 + i % 5 for i in range(501))
 
 

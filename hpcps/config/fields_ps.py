@@ -31,6 +31,13 @@ field("ps.hierarchy", "str", "none",
       "node: the workers of a node reduce their gradients in shared memory and one leader per "
       "node pushes and pulls for them (cross-node bytes per step: nodes x P instead of workers "
       "x P); none: every worker pushes.", choices=("none", "node"))
+field("ps.slots", "int_or_auto", AUTO,
+      "Receive slots per server shard. bsp: the pushes of a step take turns in k slots in a "
+      "fixed order and the server folds each into the step's sum as it lands, so a server holds "
+      "(12 + 4 k) bytes per shard element however many workers push, and the result is the same "
+      "for every k; auto: 2 (docs/memory.md: time per step vs memory). asp, ssp and bsp with "
+      "ps.backup_workers keep one slot per pusher (auto). Never more than one per pusher.",
+      min=1)
 field("ps.staleness", "int", 2, "SSP bound: a worker at clock c waits until min clock >= c - staleness.",
       min=0)
 field("ps.compression", "str", "none",

@@ -1,11 +1,12 @@
 """Worker side of the data path: ``pull`` and ``push`` return handles,
 ``wait(handle)`` completes them (ps-lite style).
 
-push: for every server, wait until this worker's slot there is empty, ``Put``
-the encoded payload and its header (``push``), then ``Flush`` (remote
-completion) and set the slot flag with an atomic REPLACE (``wait``). The flag is
-written only after the data is complete at the target, so a server that sees
-the flag sees the whole push.
+push: for every server, wait until this push's slot there is free (our own slot;
+in bsp the slot and turn of the push's ticket, ``hpcps.ps.ring``), ``Put`` the
+encoded payload and its header (``push``), then ``Flush`` (remote completion)
+and set the slot's word with an atomic REPLACE (``wait``). The word is written
+only after the data is complete at the target, so a server that sees it sees the
+whole push.
 
 Overlap: ``start_push`` returns the callback that backward calls as gradient
 ranges become final (last layers first). A plain fp32 shard gets its bytes
@@ -27,6 +28,7 @@ import numpy as np
 from hpcps.ps import control as C
 from hpcps.ps.codec import ErrorFeedback
 from hpcps.ps.control import f2i
+from hpcps.ps.ring import SlotRing
 from hpcps.ps.shards import ShardSet
 from hpcps.ps.windows import G_PARAMS, SLOT_HEADER, Header
 from hpcps.runtime.mpi import mpi
@@ -93,7 +95,9 @@ class PSClient:
         self.params = params
         self.duties = duties
         self.mode = roles.mode
-        self.slot = roles.pusher_index   # our push slot on every server
+        self.slot = roles.pusher_index   # our pusher index (and our own slot, without turns)
+        # bsp: the pushes of a step take turns in the servers' slots (None: our own slot)
+        self.ring: Optional[SlotRing] = shards.ring
         self.servers = roles.servers
         self.S = len(self.servers)
         self.L = self.wins.ctl_layout
@@ -115,13 +119,17 @@ class PSClient:
         # our next push), and whether this push already asked (one remote read per push)
         self._slot_known_free = [True] * self.S
         self._slot_asked = [False] * self.S
+        # this push's ticket and slot on each shard (without turns: our own slot)
+        self._ticket = [0] * self.S
+        self._push_slot = [self.slot] * self.S
         self._grads = None
         self._touched = None
         self.overlap = cfg.ps.overlap
-        # bsp: the server frees all slots of step t before it moves VERSION to t+1, and we push
-        # step t+1 only after pulling version t+1, so the slot is free without asking (not with
-        # backup workers: a late push of step t may still wait in it for update t+1)
-        self.slot_always_free = self.mode == "bsp" and not cfg.ps.backup_workers
+        # bsp with one slot per pusher: the server frees our slot of step t before it moves
+        # VERSION to t+1, and we push step t+1 only after pulling version t+1, so the slot is
+        # free without asking (not with fewer slots, whose turns pass between pushers, nor
+        # with backup workers: a late push of step t may still wait in it for update t+1)
+        self.slot_always_free = self.ring is not None and self.ring.always_free
         # asp/ssp, ps.read_your_writes: a shard is pulled only once it applied our last push
         # (the server frees our slot after that update), so the gradient we compute next sees
         # our own last update; otherwise every push would also be stale by itself
@@ -197,7 +205,11 @@ class PSClient:
         return self._slot_known_free[s]
 
     def _read_slot_free(self, s: int) -> bool:
-        return self.wins.read(self.servers[s], self.L.slot_state + self.slot) == 0
+        """Shard ``s``'s slot for this push is free (for its ticket, with turns)."""
+        word = self.wins.read(self.servers[s], self.L.slot_state + self._push_slot[s])
+        if self.ring is None:
+            return word == 0
+        return word == self.ring.free_word(self._ticket[s])
 
     def _start_get(self, s: int, handle: PullHandle) -> bool:
         MPI = mpi()
@@ -239,7 +251,9 @@ class PSClient:
             self.uplink.wait_delivered(self.duties)
             for s, rank in enumerate(self.servers):
                 self.wins.slots.Flush(rank)  # payload complete at the target ...
-                self.wins.write(rank, self.L.slot_state + self.slot, 1)  # ... before the flag says so
+                full = 1 if self.ring is None else self.ring.full_word(self._ticket[s])
+                # ... before the slot's word says so
+                self.wins.write(rank, self.L.slot_state + self._push_slot[s], full)
                 self._slot_known_free[s] = False
         handle.done = True
 
@@ -256,6 +270,13 @@ class PSClient:
         self._ready = [0] * self.S
         self._sent = [False] * self.S
         self._slot_asked = [False] * self.S
+        if self.ring is not None:
+            # bsp pushes the step it pulled (every push follows that step's pull); a new
+            # ticket's turn is unknown until asked
+            for s in range(self.S):
+                self._ticket[s] = self.ring.ticket(self.pulled_version[s], self.slot)
+                self._push_slot[s] = self.ring.slot(self._ticket[s])
+                self._slot_known_free[s] = self.ring.always_free
         return self._grad_ready
 
     def _grad_ready(self, lo: int, hi: int) -> None:
@@ -289,7 +310,7 @@ class PSClient:
 
     def _put_bytes(self, s: int, offset: int, values: np.ndarray) -> None:
         rank = self.servers[s]
-        target = self.wins.slot_offset(s, self.slot) + offset
+        target = self.wins.slot_offset(s, self._push_slot[s]) + offset
         self.wins.slots.Put([values, mpi().BYTE], rank, (target, values.nbytes, mpi().BYTE))
         self.uplink.send(values.nbytes)
 
@@ -319,6 +340,9 @@ class PSClient:
         """Send what backward's callback has not sent yet, then the headers; ``wait`` on the
         handle flushes and raises the flags."""
         for s, rank in enumerate(self.servers):
+            if self.ring is not None and step != self.pulled_version[s]:
+                raise RuntimeError(f"protocol error: a bsp push of step {step} after pulling "
+                                   f"version {self.pulled_version[s]} of shard {s}")
             header = self.headers[s]
             header[Header.STEP] = step
             header[Header.WEIGHT] = f2i(weight)

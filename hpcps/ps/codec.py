@@ -56,6 +56,7 @@ VALUE_CODECS = {
 INT4_BLOCK = 64        # elements sharing one fp32 scale
 INT4_LEVELS = 7        # codes -7..7 (symmetric: -8 is never used, so 0 stays exact)
 INT4_CHUNK = 1 << 16   # elements per vectorized pass: bounds the temporaries on 100M shards
+DECODE_CHUNK = 1 << 18  # elements decoded and added at a time (1 MiB of fp32)
 
 # encodings over the whole shard: no sparse-row segments, one fixed layout per shard
 WHOLE_SHARD = ("topk", "int4")
@@ -267,13 +268,16 @@ class ShardCodec:
                     pos += nbytes
                     continue
             count = seg.hi - seg.lo
-            nbytes = count * width
-            values = dec(payload[pos:pos + nbytes].view(dtype))
-            if weight != 1.0:
-                acc[seg.lo:seg.hi] += values * w
-            else:
-                acc[seg.lo:seg.hi] += values
-            pos += nbytes
+            # a chunk at a time: a weighted or decoded whole segment (a whole shard, say)
+            # would be a temporary as large as the server's receive slot
+            for a in range(0, count, DECODE_CHUNK):
+                b = min(count, a + DECODE_CHUNK)
+                values = dec(payload[pos + a * width:pos + b * width].view(dtype))
+                if weight != 1.0:
+                    acc[seg.lo + a:seg.lo + b] += values * w
+                else:
+                    acc[seg.lo + a:seg.lo + b] += values
+            pos += count * width
 
 
 class ErrorFeedback:

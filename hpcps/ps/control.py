@@ -34,15 +34,20 @@ WRITER = 1 << 40     # the owner's share of PARAMS_GATE: far above any reader co
 
 
 class ControlLayout:
-    """Word offsets: scalars, then per-pusher slot flags, then per-worker coordination words
-    (pushers are the workers, or one leader per node with ``ps.hierarchy = node``)."""
+    """Word offsets: scalars, then one word per receive slot, then per-worker coordination
+    words (pushers are the workers, or one leader per node with ``ps.hierarchy = node``;
+    slots are one per pusher, or fewer in bsp with ``ps.slots``)."""
 
-    def __init__(self, n_workers: int, n_pushers: int | None = None):
+    def __init__(self, n_workers: int, n_pushers: int | None = None, n_slots: int | None = None):
         w = n_workers
         p = w if n_pushers is None else n_pushers
-        self.n_workers, self.n_pushers = w, p
-        self.slot_state = N_SCALARS              # [p] 0 empty / 1 full (every server)
-        self.clock = self.slot_state + p         # [w] coordinator: steps pushed by worker
+        k = p if n_slots is None else n_slots
+        self.n_workers, self.n_pushers, self.n_slots = w, p, k
+        # [k] every server. asp/ssp and bsp with backup workers: slot p is pusher p's,
+        # 0 empty / 1 full; bsp: the turn words of hpcps.ps.ring (2n free for push n,
+        # 2n + 1 holding it)
+        self.slot_state = N_SCALARS
+        self.clock = self.slot_state + k         # [w] coordinator: steps pushed by worker
         self.worker_hb = self.clock + w          # [w] coordinator: worker heartbeats
         self.excluded = self.worker_hb + w       # [w] coordinator: 1 while a worker is silent
         self.proposal = self.excluded + w        # [w] coordinator: stop proposal (step + 1)

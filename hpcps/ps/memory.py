@@ -2,8 +2,9 @@
 and the layout alone (before any window exists: the start-up memory check, ``hpcps plan``).
 
 A server shard of n elements holds its parameters (the params window), the optimizer
-state (AdamW: two moments), the step's sum and the optimizer's scratch, one receive slot
-per pusher (the slot window: a header and the largest encoded push), and what its update
+state (AdamW: two moments), the step's sum and the optimizer's scratch, its receive slots
+(``ps.slots``: k in bsp, one per pusher otherwise; each a header and the largest encoded
+push), and what its update
 rule keeps (delay compensation's past versions, lookahead's private params). A worker holds
 the pulled parameters and its gradients, error-feedback residuals when pushes are
 compressed, and an encoded push per shard.
@@ -12,6 +13,7 @@ compressed, and an encoded push per shard.
 from __future__ import annotations
 
 from hpcps.ps.codec import ShardCodec
+from hpcps.ps.options import landing_slots
 from hpcps.ps.sharding import shard_ranges
 from hpcps.ps.update_rules import rule_memory_bytes
 from hpcps.ps.windows import slot_stride
@@ -27,10 +29,13 @@ def slot_strides(cfg, layout, n_servers: int) -> list[int]:
 def server_bytes(cfg, n: int, stride: int, n_workers: int, n_pushers: int, mode: str) -> dict:
     """{term: bytes} of a server shard of n elements."""
     state = 2 if cfg.train.optimizer == "adamw" else 1
+    slots = landing_slots(cfg, mode, n_pushers)
     terms = {"parameters": 4 * n, "optimizer state": 4 * n * state,
-             "step sum and scratch": 4 * n * 2, "receive slots": n_pushers * stride}
-    # a checkpoint (at least the final one) writes a private copy of params and state
-    terms["checkpoint snapshot"] = 4 * n * (1 + state)
+             "step sum and scratch": 4 * n * 2, "receive slots": slots * stride}
+    # a background checkpoint writes a private copy of params and state while training goes
+    # on; a foreground one (and every final one) writes the shard's own arrays
+    if cfg.checkpoint.every and cfg.checkpoint.background:
+        terms["checkpoint snapshot"] = 4 * n * (1 + state)
     rule = rule_memory_bytes(cfg, n, n_workers)
     if mode == "bsp" and cfg.ps.backup_workers:
         rule += 4 * n    # the late pushes carried into the next step

@@ -12,16 +12,19 @@ roles are known, so a bad combination is one line and exit 2 on every rank:
 - the sample budget hands batches to single workers, which a node hierarchy (whose
   workers step together) cannot take;
 - local steps (``ps.local_steps``) push deltas in bsp rounds or asp, and replace the
-  remedies that correct per-step gradients; their outer keys mean nothing without them.
+  remedies that correct per-step gradients; their outer keys mean nothing without them;
+- fewer landing slots than pushers (``ps.slots``) take turns in bsp steps; asp, ssp and
+  bsp's late pushes keep one slot per pusher.
 """
 
 from __future__ import annotations
 
-from hpcps.config.fields import FIELDS
+from hpcps.config.fields import AUTO, FIELDS
 from hpcps.errors import UserError
 from hpcps.ps.fragments import count_blocks
 
 ASYNC_MODES = ("asp", "ssp")
+AUTO_SLOTS = 2   # ps.slots = auto in bsp (docs/memory.md: time per step vs memory)
 
 
 def samples_budget(cfg, mode: str) -> bool:
@@ -70,6 +73,24 @@ def check_options(cfg, roles) -> None:
                         "ps.hierarchy = node a node's workers step together: use "
                         "ps.budget = worker_steps")
     _check_local_steps(cfg, mode)
+    landing_slots(cfg, mode, roles.n_pushers)
+
+
+def landing_slots(cfg, mode: str, n_pushers: int) -> int:
+    """k, the receive slots of each server shard (``ps.slots``): at most one per pusher;
+    fewer only in bsp without backup workers, where a step's pushes take turns in them
+    (``hpcps.ps.ring``). asp and ssp apply each slot on its own and bsp's backup workers
+    leave late pushes in theirs, so those keep one slot per pusher."""
+    turns = mode == "bsp" and not cfg.ps.backup_workers
+    requested = cfg.ps.slots
+    if requested == AUTO:
+        return min(n_pushers, AUTO_SLOTS) if turns else n_pushers
+    if requested < n_pushers and not turns:
+        why = (f"ps.mode = {mode} applies each push on its own" if mode != "bsp"
+               else "ps.backup_workers leaves late pushes in their slots")
+        raise UserError(f"ps.slots = {requested} is fewer than the {n_pushers} pushers, which "
+                        f"needs bsp without backup workers ({why}): use ps.slots = auto")
+    return min(requested, n_pushers)
 
 
 OUTER_KEYS = ("outer_optimizer", "outer_lr", "outer_momentum", "outer_buffer",

@@ -1,10 +1,11 @@
 """A server shard: owns params[lo:hi) and its optimizer state, applies pushes.
 
-bsp: waits until all W slots hold step t, averages them weighted by each push's
-     weight, clips with the *global* norm (sum of squares added across servers
-     with a non-blocking allreduce) and applies one optimizer step. With backup
-     workers it applies step t once W - b pushes are in and folds late ones into
-     the next step (``hpcps.ps.backup``).
+bsp: folds the pushes of step t into the step's sum as they land, in a fixed order
+     (they take turns in ``ps.slots`` receive slots: ``hpcps.ps.ring``); once all P
+     are in, divides by their total weight, clips with the *global* norm (sum of
+     squares added across servers with a non-blocking allreduce) and applies one
+     optimizer step. With backup workers (one slot per pusher) it applies step t once
+     W - b pushes are in and folds late ones into the next step (``hpcps.ps.backup``).
 ssp/asp: applies each slot as it arrives, one optimizer step per push, with the
      clip scale the worker computed from its full gradient, after the update rule
      (``hpcps.ps.update_rules``: delay compensation) has corrected it.
@@ -27,6 +28,7 @@ from hpcps.ps.backup import Carry, step_is_ready, sync_boundary_ahead
 from hpcps.ps.balance import SplitSearch
 from hpcps.ps.control import HIST_BINS, f2i, i2f
 from hpcps.ps.coordination import meet
+from hpcps.ps.ring import StepSum
 from hpcps.ps.shards import ShardSet
 from hpcps.ps.update_rules import make_update_rule
 from hpcps.ps.windows import SLOT_HEADER, Header
@@ -88,12 +90,17 @@ class Server:
         self.is_coordinator = self.me == self.coordinator
         self.L = wins.ctl_layout
         self.W = roles.n_workers      # watched, parked, proposing
-        self.P = roles.n_pushers      # push slots (the workers, or one leader per node)
+        self.P = roles.n_pushers      # the workers, or one leader per node
+        self.K = wins.n_slots         # receive slots: P, or fewer taking turns (bsp)
+        self.ring = shards.ring       # bsp without backup workers: the turns (else None)
         self.params = wins.local_params
         self.params[:] = params_init  # no reader yet: workers pull after the start barrier
         self.wins.params.Sync()
         self.version = version
         self.wins.write(self.me, C.VERSION, version)
+        if self.ring is not None:   # before the start barrier: no pusher has read them yet
+            self.wins.write_block(self.me, self.L.slot_state, self.ring.initial_words(version))
+        self.step_sum = StepSum()
         self.acc = np.zeros(self.codec.n, dtype=np.float32)
         self.hist = np.zeros(HIST_BINS, dtype=np.int64)
         # delay compensation: corrects stale pushes (asp/ssp, and bsp's late ones)
@@ -238,7 +245,10 @@ class Server:
                 self.idle_since = None  # the collective's time is no push gap
                 return self.sync_epoch
             if progressed:
-                self.backoff.reset(self.push_gaps.expect() if self.mode == "bsp" else 0.0)
+                # bsp, after an update: nap through most of the workers' compute; after a
+                # fold, poll for the step's other pushes
+                moved = self.mode == "bsp" and self.step_sum.count == 0
+                self.backoff.reset(self.push_gaps.expect() if moved else 0.0)
             else:
                 self.backoff.pause()
 
@@ -251,17 +261,14 @@ class Server:
 
     def slot_states(self) -> np.ndarray:
         L = self.L
-        return self.wins.read_block(self.me, L.slot_state, L.slot_state + self.P)
+        return self.wins.read_block(self.me, L.slot_state, L.slot_state + self.K)
 
     def apply_pending(self) -> bool:
         states = self.slot_states()
+        if self.ring is not None:
+            return self._fold_arrivals(states)
         if self.mode == "bsp":
-            if self.backup:
-                return self._apply_bsp_with_backup(states)
-            if not np.all(states == 1):
-                return False
-            self._apply_bsp(list(range(self.P)))
-            return True
+            return self._apply_bsp_with_backup(states)
         full = np.nonzero(states == 1)[0]
         if len(full) == 0:
             return False
@@ -279,9 +286,80 @@ class Server:
     def _payload(self, p: int, nbytes: int) -> np.ndarray:
         return self.wins.local_slot(p)[SLOT_HEADER:SLOT_HEADER + nbytes]
 
+    # -- bsp: a step's pushes folded in ticket order (hpcps.ps.ring) --------------------
+    def _fold_arrivals(self, words: np.ndarray) -> bool:
+        """Fold the step's pushes that have landed, in ticket order (the sum adds them in
+        the same order whatever the arrival order); apply the step once all P are in."""
+        ring, total = self.ring, self.step_sum
+        progressed = False
+        while total.count < self.P:
+            ticket = ring.ticket(self.version, total.count)
+            slot = ring.slot(ticket)
+            if words[slot] != ring.full_word(ticket):
+                break   # (a slot freed in this loop reads stale here: the next poll sees it)
+            self._fold(ticket, slot)
+            progressed = True
+        if total.count == self.P:
+            self._apply_step_sum()
+        return progressed
+
+    def _fold(self, ticket: int, slot: int) -> None:
+        """Add one push to the step's sum and free its slot for ticket + k (one pusher with
+        a plain fp32 push: keep it where it lies; the update reads it and then frees it)."""
+        total = self.step_sum
+        if total.count == 0 and self.idle_since is not None:
+            self.push_gaps.add(time.monotonic() - self.idle_since)  # the workers' compute
+        head = self._headers([slot])[0]
+        if int(head[Header.STEP]) != self.version:
+            abort(self.roles.comm, 1, f"protocol error: server {self.index} at step "
+                  f"{self.version} got a push for step {int(head[Header.STEP])} in slot {slot}")
+        payload = self._payload(slot, int(head[Header.NBYTES]))
+        codec = self._round_codec()
+        weight = i2f(head[Header.WEIGHT])
+        if self.P == 1 and codec.is_plain_dense:
+            total.in_place = (payload.view(np.float32), slot, ticket)
+        else:
+            if total.count == 0:
+                self.acc.fill(0.0)
+            # one pusher: its push is the step's gradient (no weighting to undo)
+            codec.decode_add(payload, self.acc, weight if self.P > 1 else 1.0)
+            self.wins.write(self.me, self.L.slot_state + slot, self.ring.free_word(ticket + self.K))
+        self._observe_push(total.count, head)
+        total.add(weight, i2f(head[Header.LOSS]), int(head[Header.ITEMS]))
+        self.progress()
+
+    def _apply_step_sum(self) -> None:
+        """All P pushes of the step are folded: their weighted mean is the step's gradient."""
+        total = self.step_sum
+        release = ()
+        if total.in_place is not None:
+            grad, slot, ticket = total.in_place
+            release = ((slot, self.ring.free_word(ticket + self.K)),)
+        else:
+            grad = self.acc
+            if self.P > 1:
+                grad *= np.float32(1.0 / total.weight)
+        self._finish_step(grad, total.loss / total.weight, total.items, release)
+        total.clear()
+        self.idle_since = time.monotonic()
+
+    def _round_codec(self):
+        """This step's push encoding (streaming local steps: the round's fragment)."""
+        if self.round_codecs is None:
+            return self.codec
+        return self.round_codecs[self.version % len(self.round_codecs)]
+
+    def _observe_push(self, p: int, head) -> None:
+        """A push of pusher p for this step: its staleness, and its speed for the balancer."""
+        self.hist[min(max(0, self.version - int(head[Header.PULLED_VERSION])), HIST_BINS - 1)] += 1
+        self.pushed_through[p] = self.version
+        if self.splits is not None:
+            self.splits.observe_push(p, i2f(head[Header.COMPUTE_S]), int(head[Header.STEP]))
+
+    # -- bsp with backup workers: one slot per pusher, late pushes carried ----------------
     def _apply_bsp(self, pushers: list) -> None:
-        """Update ``version`` from the pushes of its step in ``pushers``' slots (all of them
-        without backup workers) and the late pushes carried."""
+        """Update ``version`` from the pushes of its step in ``pushers``' slots and the late
+        pushes carried."""
         if self.idle_since is not None:
             self.push_gaps.add(time.monotonic() - self.idle_since)
         heads = self._headers(pushers)
@@ -299,15 +377,18 @@ class Server:
             grad += carry.acc * np.float32(1.0 / total)
             loss_sum += carry.loss
             items += carry.items
-        loss = float(loss_sum / total)
-        sumsq = float(grad @ grad)
-        total_sumsq = self._allreduce_servers(sumsq)
-        norm, scale = clip_coefficient(total_sumsq, self.max_norm)
         for p, h in zip(pushers, heads):
-            self.hist[min(max(0, self.version - int(h[Header.PULLED_VERSION])), HIST_BINS - 1)] += 1
-            self.pushed_through[p] = self.version
-            if self.splits is not None:
-                self.splits.observe_push(p, i2f(h[Header.COMPUTE_S]), int(h[Header.STEP]))
+            self._observe_push(p, h)
+        self._finish_step(grad, float(loss_sum / total), items, [(p, 0) for p in pushers])
+        if carry:
+            carry.clear()
+        self.idle_since = time.monotonic()
+
+    def _finish_step(self, grad, loss: float, items: int, release) -> None:
+        """Clip the step's gradient by the global norm, publish the step's stats and update;
+        ``release``: (slot, word) pairs to write once the update has read the slots."""
+        total_sumsq = self._allreduce_servers(float(grad @ grad))
+        norm, scale = clip_coefficient(total_sumsq, self.max_norm)
         # the step's stats and staleness counts are published before the version moves (the
         # lead worker reads them right after its push, while this server updates)
         self.wins.add_block(self.me, self.L.hist, self.hist)
@@ -325,10 +406,7 @@ class Server:
         if self.is_coordinator:
             self.wins.write_block(self.me, C.LAST_LOSS,
                                   np.array([f2i(loss), f2i(norm), self.version + 1], dtype=np.int64))
-        self._update(grad, self.lr_fn(self.version), scale, release=pushers)
-        if carry:
-            carry.clear()
-        self.idle_since = time.monotonic()
+        self._update(grad, self.lr_fn(self.version), scale, release=release)
 
     def _apply_bsp_with_backup(self, states) -> bool:
         """Carry every late push at once (its slot is freed for the next step), then apply
@@ -389,8 +467,7 @@ class Server:
         """sum_i shares[i] * push of pushers[i]. A single plain fp32 push is used where it
         lies in its slot (no copy); the slot is released only after the update has read it."""
         payloads = [self._payload(p, int(h[Header.NBYTES])) for p, h in zip(pushers, heads)]
-        codec = (self.codec if self.round_codecs is None
-                 else self.round_codecs[self.version % len(self.round_codecs)])
+        codec = self._round_codec()
         if len(payloads) == 1 and codec.is_plain_dense and shares[0] == 1.0:
             return payloads[0].view(np.float32)
         self.acc.fill(0.0)
@@ -426,19 +503,18 @@ class Server:
     def _update(self, grad, lr: float, scale: float, release=(), move_version: bool = True) -> None:
         """One optimizer step with the params gate closed; the version moves inside it, so
         a pull that reads VERSION after entering the gate gets exactly that version's params.
-        ``release`` (bsp): the pushers whose slots to free after the step (it may have read
-        from them) and before the version moves (a worker that sees t+1 finds its slot free)."""
+        ``release`` (bsp): (slot, word) pairs freeing the slots the step may have read from,
+        written after the step and before the version moves (a pusher that sees t+1 finds
+        its slot free)."""
         self.wins.begin_write(self.duties)
         if self.state is not self.params:
             self.params[:] = self.state   # the window keeps the params before this update
         self.opt.step(self.state, grad, lr, scale, between=self.progress)
         if self.state is not self.params:
             self.rule.publish(self.params, self.state, self.progress)
-        if len(release) == self.P:
-            self.wins.write_block(self.me, self.L.slot_state, np.zeros(self.P, np.int64))
-        else:  # backup workers: a slot left out may be filling right now; leave it alone
-            for p in release:
-                self.wins.write(self.me, self.L.slot_state + p, 0)
+        # backup workers: a slot left out may be filling right now; leave it alone
+        for slot, word in release:
+            self.wins.write(self.me, self.L.slot_state + slot, word)
         if move_version:
             self.version += 1
             self.wins.write(self.me, C.VERSION, self.version)

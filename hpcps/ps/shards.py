@@ -13,6 +13,8 @@ from typing import Optional
 from hpcps.ps import control as C
 from hpcps.ps.codec import ShardCodec
 from hpcps.ps.fragments import FragmentCodec, fragment_ranges, within
+from hpcps.ps.options import landing_slots
+from hpcps.ps.ring import SlotRing
 from hpcps.ps.roles import Roles
 from hpcps.ps.sharding import shard_ranges
 from hpcps.ps.windows import PSWindows
@@ -30,6 +32,9 @@ class ShardSet:
     # and per shard per fragment the encoding of a push of that fragment only
     fragments: Optional[list] = None
     fragment_codecs: Optional[list[list[FragmentCodec]]] = None
+    # bsp without backup workers: the pushes of a step take turns in the slots (None: one
+    # slot per pusher, each pusher's own)
+    ring: Optional[SlotRing] = None
 
     @classmethod
     def open(cls, cfg, roles: Roles, layout) -> "ShardSet":
@@ -37,13 +42,17 @@ class ShardSet:
         ranges = shard_ranges(layout.total, roles.n_servers)
         codecs = [ShardCodec(layout, lo, hi, cfg.ps.compression, cfg.ps.topk_ratio,
                              cfg.ps.sparse_embedding) for lo, hi in ranges]
-        wins = PSWindows(roles.comm, roles, ranges, [c.max_payload_bytes for c in codecs])
+        n_slots = landing_slots(cfg, roles.mode, roles.n_pushers)
+        ring = (SlotRing(n_slots, roles.n_pushers)
+                if roles.mode == "bsp" and not cfg.ps.backup_workers else None)
+        wins = PSWindows(roles.comm, roles, ranges, [c.max_payload_bytes for c in codecs],
+                         n_slots)
         fragments = fragment_codecs = None
         if cfg.ps.local_steps and cfg.ps.fragments > 1:
             fragments = fragment_ranges(layout, cfg.ps.fragments)
             fragment_codecs = [[FragmentCodec(hi - lo, within(f, lo, hi), cfg.ps.compression)
                                 for f in fragments] for lo, hi in ranges]
-        return cls(roles, ranges, codecs, wins, fragments, fragment_codecs)
+        return cls(roles, ranges, codecs, wins, fragments, fragment_codecs, ring)
 
     def own_fragments(self) -> Optional[list]:
         """This server's part of each fragment, shard-relative (None without fragments)."""
@@ -62,7 +71,7 @@ class ShardSet:
         P = self.ranges[-1][1]
         if self.roles.is_server:
             lo, hi = self.own_range
-            return server_memory_bytes(hi - lo, self.roles.n_workers,
+            return server_memory_bytes(hi - lo, self.wins.n_slots,
                                        self.wins.strides[self.roles.server_index],
                                        cfg.train.optimizer)
         feedback = cfg.ps.error_feedback and cfg.ps.compression != "none"
@@ -96,7 +105,7 @@ class ShardSet:
         return beat
 
 
-def server_memory_bytes(n: int, n_workers: int, stride: int, optimizer: str) -> int:
+def server_memory_bytes(n: int, n_slots: int, stride: int, optimizer: str) -> int:
     """Bytes a shard of n elements needs: params + optimizer state + scratch + slots + acc."""
     state = 2 if optimizer == "adamw" else 1
-    return n * 4 * (1 + state + 1 + 1) + n_workers * stride
+    return n * 4 * (1 + state + 1 + 1) + n_slots * stride

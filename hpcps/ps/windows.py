@@ -8,7 +8,8 @@ accumulates while the target computes; allocated windows do not.
   readers-writer gate (``enter_read``); the owner updates it only after closing
   the gate and seeing every reader leave (``begin_write``), so a pull never sees
   half an update.
-- ``slots``   bytes [pushers x slot]: pusher p ``Put``s its encoded push into slot p.
+- ``slots``   bytes [k x slot]: receive slots; pusher p ``Put``s its encoded push into slot p
+  (one slot per pusher), or into the slot its turn gives it (bsp, ``hpcps.ps.ring``).
 - ``ctl``     int64 [ControlLayout.size]: versions, flags, clocks, heartbeats.
 
 All three windows stay in one ``Lock_all`` passive epoch for the whole run;
@@ -58,17 +59,18 @@ class PSWindows:
     accessors every rank uses on them: control-word reads, writes and adds, the params
     gate, and slot addressing. Servers hold the memory; workers hold none."""
 
-    def __init__(self, comm, roles, ranges, max_payloads):
+    def __init__(self, comm, roles, ranges, max_payloads, n_slots: int | None = None):
         MPI = mpi()
         self.MPI = MPI
         self.comm = comm
         self.roles = roles
         self.ranges = ranges
-        self.ctl_layout = ControlLayout(roles.n_workers, roles.n_pushers)
+        self.n_slots = roles.n_pushers if n_slots is None else n_slots
+        self.ctl_layout = ControlLayout(roles.n_workers, roles.n_pushers, self.n_slots)
         self.strides = [slot_stride(p) for p in max_payloads]
         s = roles.server_index if roles.is_server else -1
         n = ranges[s][1] - ranges[s][0] if s >= 0 else 0
-        slots = roles.n_pushers
+        slots = self.n_slots
         # each buffer sits between two guard regions filled with a sentinel: a remote write
         # that overruns its target range is caught by check_guards() (RMA displacements
         # are shifted by the guard so callers never see it)
@@ -203,13 +205,13 @@ class PSWindows:
                        np.array([-C.WRITER], dtype=np.int64))
 
     # -- slots ---------------------------------------------------------------------
-    def slot_offset(self, server_index: int, pusher_index: int) -> int:
-        """Displacement of a pusher's slot in the slots window (guard included)."""
-        return G_SLOTS + pusher_index * self.strides[server_index]
+    def slot_offset(self, server_index: int, slot: int) -> int:
+        """Displacement of a receive slot in the slots window (guard included)."""
+        return G_SLOTS + slot * self.strides[server_index]
 
-    def local_slot(self, pusher_index: int) -> np.ndarray:
+    def local_slot(self, slot: int) -> np.ndarray:
         s = self.roles.server_index
-        off = pusher_index * self.strides[s]
+        off = slot * self.strides[s]
         return self.local_slots[off:off + self.strides[s]]
 
     def check_guards(self) -> list[str]:

@@ -188,8 +188,10 @@ def run(ctx: RunContext) -> int:
     else:
         shards = ShardSet.open(ctx.cfg, ctx.roles, ctx.workload.layout)  # collective
         if ctx.is_lead and not ctx.quiet:
+            turns = " (pushes take turns)" if shards.wins.n_slots < ctx.roles.n_pushers else ""
             banner(ctx, f"shards: {[hi - lo for lo, hi in shards.ranges]} elements; push "
-                        f"encoding {ctx.cfg.ps.compression}")
+                        f"encoding {ctx.cfg.ps.compression}; {shards.wins.n_slots} receive "
+                        f"slot(s) per shard{turns}")
         _memory_table(ctx, shards)
         code = run_server(ctx, shards) if ctx.roles.is_server else run_worker(ctx, shards)
         shards.close()  # collective
