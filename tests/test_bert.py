@@ -15,7 +15,8 @@ import hpcps.model.encdec as encdec
 from hpcps.backend import CPU, Backend
 from hpcps.config.load import load_config
 from hpcps.errors import UserError
-from hpcps.model.bert import BertMLM, mlm_head_backward, mlm_head_forward
+from hpcps.model import lm_head
+from hpcps.model.bert import BertMLM, mlm_head_eval, mlm_head_forward, mlm_head_loss
 from hpcps.model.blas import blas_threads_limited
 from hpcps.model.workspace import Workspace
 from hpcps.workloads.bert import mask_tokens, masked_count
@@ -111,18 +112,21 @@ def _head_params(v=11, c=8, bias=True, seed=1):
     return p
 
 
-def _head_loss():
+HEAD_TARGETS = np.array([3, 0, 10, 3, 7, 1, 5])
+
+
+def _head_loss(targets=HEAD_TARGETS):
     def forward_loss(p):
-        logits, cache = mlm_head_forward(p["x"], p)
-        R = projection(logits.shape, seed=3)
         g = {k: np.full_like(v, np.nan) for k, v in p.items()}   # every gradient must be written
-        g["x"] = mlm_head_backward(R, cache, g)
-        return float((logits * R).sum()), g
+        loss, g["x"] = mlm_head_loss(p["x"], p, targets, Workspace(np, reuse=False), g)
+        return loss, g
     return forward_loss
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_mlm_head_grad(bias):
+@pytest.mark.parametrize("block_rows", [7, 3, 1])     # the decoder in one block, or several
+def test_mlm_head_grad(monkeypatch, bias, block_rows):
+    monkeypatch.setattr(lm_head, "CHUNK_BYTES", block_rows * 11 * 8)
     report = check_layer_grad(_head_loss(), _head_params(bias=bias))
     assert report.ok, report
 
@@ -133,6 +137,49 @@ def test_mlm_head_negative_control(monkeypatch):
     report = check_layer_grad(_head_loss(), _head_params())
     assert not report.ok
     assert report.errors["mlm.dense.w"] > 1e-2 and report.errors["wte"] <= 1e-6
+
+
+def test_blocked_mlm_head_equals_all_logits_at_once(monkeypatch):
+    """Blocks of 2 rows against one block: the loss, every gradient and the argmax count of
+    the full logits, to float64 rounding (the weight gradient sums block by block, so the
+    bits differ); the workspace holds one (2, V) block and no V x C folded decoder copy."""
+    p = _head_params()
+    logits = mlm_head_forward(p["x"], p)
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    expected = -log_probs[np.arange(7), HEAD_TARGETS].mean()
+    runs = []
+    for rows in (7, 2):
+        monkeypatch.setattr(lm_head, "CHUNK_BYTES", rows * 11 * 8)
+        ws = Workspace(np)
+        loss, g = _head_loss()(p)
+        runs.append((loss, g, mlm_head_eval(p["x"], p, HEAD_TARGETS, ws)))
+    assert runs[0][0] == pytest.approx(expected, rel=1e-13)
+    for key, value in runs[0][1].items():
+        np.testing.assert_allclose(runs[1][1][key], value, rtol=1e-12, atol=1e-14)
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-13)
+    correct = int((logits.argmax(axis=1) == HEAD_TARGETS).sum())
+    assert runs[0][2][1] == runs[1][2][1] == correct
+    assert runs[1][2][0] == pytest.approx(expected, rel=1e-13)
+    assert ws._buffers["head.logits"].shape == (2, 11)
+    assert max(b.size for b in ws._buffers.values()) < 7 * 11
+
+
+@pytest.mark.parametrize("mode", ["attention", "block"])
+def test_blocked_head_gradients_bit_identical_across_recompute_modes(monkeypatch, mode):
+    """With the decoder in blocks of 3 rows, recomputation still changes no bit."""
+    def grads(recompute):
+        model = BertMLM(**TINY, bias=True, dropout=0.2, recompute=recompute)
+        params = model.init_params(6)
+        out = np.empty_like(params)
+        idx, targets = _batch(b=4, t=6, seed=3)
+        targets[3, :3] = [2, 9, 4]
+        loss = model.forward_backward(params, out, idx, targets, [1, 2, 3, 4])
+        return loss, out
+    monkeypatch.setattr(lm_head, "CHUNK_BYTES", 3 * 12 * 4)
+    loss_none, g_none = grads("none")
+    loss, g = grads(mode)
+    assert loss == loss_none and np.array_equal(g, g_none)
 
 
 # -- whole model ----------------------------------------------------------------------------

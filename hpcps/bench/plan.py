@@ -42,6 +42,7 @@ class ModelOnly:
     """A GPT built from the config alone (no corpus on this machine): what the estimate
     needs of a workload, without data."""
     model: GPT
+    recomputes = True
 
     @property
     def layout(self):

@@ -9,7 +9,8 @@ Pre-LN (as GPT-2) rather than BERT's post-LN: it trains stably without a long
 warm-up, and the final LayerNorm takes the place of post-LN's last one. No
 segment embeddings and no next-sentence task (as RoBERTa). The head runs only on
 the predicted rows (about 15% of the positions), gathered before the final
-LayerNorm, which is row-wise.
+LayerNorm, which is row-wise; its decoder and cross-entropy run a block of rows at
+a time, as GPT's LM head (``hpcps.model.lm_head``).
 
 ``targets`` (B, T) hold the original token at predicted positions and -1
 elsewhere; ``vocab_size`` is the model's vocabulary, [MASK] included (the
@@ -37,8 +38,6 @@ from hpcps.model.encdec import (
     encoder_block_forward,
 )
 from hpcps.model.layers import (
-    cross_entropy_backward,
-    cross_entropy_forward,
     embedding_backward,
     gelu_backward,
     gelu_forward,
@@ -46,7 +45,8 @@ from hpcps.model.layers import (
     layernorm_linear_forward,
 )
 from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
-from hpcps.model.memory import TransformerShape, model_bytes
+from hpcps.model.lm_head import head_eval, head_logits, head_loss
+from hpcps.model.memory_encdec import BertShape, bert_bytes
 from hpcps.model.recompute import BlockActivations, check_recompute
 from hpcps.model.workspace import Workspace, scratch
 
@@ -76,31 +76,49 @@ def check_shape_args(**values) -> None:
             raise UserError(f"{key} must be a positive integer, got {val!r}")
 
 
-def mlm_head_forward(x, P: dict, ws: Optional[Workspace] = None):
-    """logits (M, V) = LN_mlm(GELU(LN_f(x) W_dense + b)) wte^T + mlm.bias for rows x (M, C).
-
-    The encoder's final LayerNorm ``lnf`` is fused into the dense layer and the head's
-    LayerNorm into the decoder (the token embedding, tied).
-    """
-    ws = scratch(ws, array_module(x))
+def _mlm_hidden(x, P: dict, ws: Workspace):
+    """GELU(LN_f(x) W_dense + b) of rows x (M, C), the encoder's final LayerNorm ``lnf``
+    fused into the dense layer; (hidden, dense cache, GELU cache)."""
     hid, dense = layernorm_linear_forward(x, P["lnf.w"], P.get("lnf.b"), P["mlm.dense.w"],
                                           P.get("mlm.dense.b"), ws=ws, name="mlm.dense")
     g, gelu = gelu_forward(hid, ws, "mlm.gelu")
-    logits, decoder = layernorm_linear_forward(g, P["mlm.ln.w"], P.get("mlm.ln.b"), P["wte"],
-                                               P["mlm.bias"], ws=ws, name="mlm.decoder")
-    return logits, (dense, gelu, decoder)
+    return g, dense, gelu
 
 
-def mlm_head_backward(dlogits, cache, G: dict, ws: Optional[Workspace] = None):
-    """d x of ``mlm_head_forward``. Head tensors and lnf are overwritten, and so is the
-    tied ``wte`` gradient (the embedding lookup's backward adds to it afterwards)."""
-    dense, gelu, decoder = cache
-    ws = scratch(ws, array_module(dlogits))
-    dg = layernorm_linear_backward(dlogits, decoder, G["mlm.ln.w"], G.get("mlm.ln.b"), G["wte"],
-                                   G["mlm.bias"], ws, "bwd.mlm.decoder", accumulate=False)
+def mlm_head_loss(x, P: dict, targets, ws: Workspace, G: Optional[dict] = None):
+    """Mean cross-entropy of the MLM head over rows x (M, C) with targets (M,) -> (loss, dx).
+
+    The decoder (``mlm.ln``, the tied ``wte``, ``mlm.bias``) runs a block of rows at a time
+    (``hpcps.model.lm_head``): a (rows, V) block of logits instead of all M x V, and no
+    LayerNorm-folded V x C copy of ``wte``. With G the head tensors and lnf are
+    overwritten, and so is the tied ``wte`` gradient (the embedding lookup's backward adds
+    to it afterwards); dx is d(loss)/dx (else None).
+    """
+    g, dense, gelu = _mlm_hidden(x, P, ws)
+    grads = None if G is None else (G["mlm.ln.w"], G.get("mlm.ln.b"), G["wte"], G["mlm.bias"])
+    loss, dg = head_loss(g, P["mlm.ln.w"], P.get("mlm.ln.b"), P["wte"], targets, ws, grads,
+                         bias=P["mlm.bias"])
+    if G is None:
+        return loss, None
     dh = gelu_backward(dg, gelu, ws, "bwd.mlm.gelu")
-    return layernorm_linear_backward(dh, dense, G["lnf.w"], G.get("lnf.b"), G["mlm.dense.w"],
-                                     G.get("mlm.dense.b"), ws, "bwd.mlm.dense", accumulate=False)
+    return loss, layernorm_linear_backward(dh, dense, G["lnf.w"], G.get("lnf.b"),
+                                           G["mlm.dense.w"], G.get("mlm.dense.b"), ws,
+                                           "bwd.mlm.dense", accumulate=False)
+
+
+def mlm_head_eval(x, P: dict, targets, ws: Workspace) -> tuple[float, int]:
+    """(mean cross-entropy, rows whose largest logit is the target) of rows x (M, C)."""
+    g, _, _ = _mlm_hidden(x, P, ws)
+    return head_eval(g, P["mlm.ln.w"], P.get("mlm.ln.b"), P["wte"], targets, ws,
+                     bias=P["mlm.bias"])
+
+
+def mlm_head_forward(x, P: dict, ws: Optional[Workspace] = None):
+    """logits (M, V) = LN_mlm(GELU(LN_f(x) W_dense + b)) wte^T + mlm.bias for rows x (M, C),
+    all at once (inference on a few rows; training runs ``mlm_head_loss``)."""
+    ws = scratch(ws, array_module(x))
+    g, _, _ = _mlm_hidden(x, P, ws)
+    return head_logits(g, P["mlm.ln.w"], P.get("mlm.ln.b"), P["wte"], ws, bias=P["mlm.bias"])
 
 
 class BertMLM:
@@ -139,9 +157,9 @@ class BertMLM:
         keys = self._check_keys(dropout_keys, idx.shape[0])
         ws = self._workspace(idx.shape, params.dtype)
         P, G = self.layout.views(params), self.layout.views(grads)
-        logits, t_sel, caches = self._forward(P, idx, targets, keys, ws)
-        loss, xent = cross_entropy_forward(logits, t_sel, ws=ws, name="xent")
-        self._backward(G, cross_entropy_backward(xent), caches, ws,
+        picked, t_sel, caches = self._forward(P, idx, targets, keys, ws)
+        loss, dpicked = mlm_head_loss(picked, P, t_sel, ws, G)
+        self._backward(G, dpicked, caches, ws,
                        grad_ready_notifier(self._ready_ranges, on_grad_ready))
         return float(loss)
 
@@ -150,26 +168,27 @@ class BertMLM:
         idx, targets = self._check_batch(idx, targets)
         self._check_buffer(params, "params")
         ws = self._workspace(idx.shape, params.dtype)
-        logits, t_sel, _ = self._forward(self.layout.views(params), idx, targets, None, ws)
-        loss, _ = cross_entropy_forward(logits, t_sel, ws=ws, name="xent")
+        picked, t_sel, _ = self._forward(self.layout.views(params), idx, targets, None, ws)
+        loss, correct = mlm_head_eval(picked, self.layout.views(params), t_sel, ws)
         n = int(t_sel.shape[0])
-        correct = int((logits.argmax(axis=1) == t_sel).sum())
         return float(loss) * n, correct, n
 
     def logits(self, params, idx, targets):
         """(M, vocab) logits at the predicted positions (row-major order of targets != -1)."""
         idx, targets = self._check_batch(idx, targets)
         ws = Workspace(self.xp, reuse=False)
-        logits, _, _ = self._forward(self.layout.views(params), idx, targets, None, ws)
-        return logits.copy()
+        P = self.layout.views(params)
+        picked, _, _ = self._forward(P, idx, targets, None, ws)
+        return mlm_head_forward(picked, P, ws).copy()
 
-    def memory_bytes(self, batch: int, mask_prob: float, recompute: Optional[str] = None) -> dict:
-        """{term: bytes} of a training step, from the GPT block count (same blocks, no
-        causal mask; the head sees only the ``mask_prob`` share of tokens)."""
-        shape = TransformerShape(self.n_layer, self.n_head, self.n_embd, self.block_size,
-                                 self.vocab_size, self.bias, self.dropout, causal=False,
-                                 logit_rows=mask_prob)
-        return model_bytes(shape, [batch], recompute or self.recompute, self.layout.total)
+    def memory_bytes(self, batch: int, predicted: int, recompute: Optional[str] = None) -> dict:
+        """{term: bytes} a training step over ``batch`` sequences of block_size tokens,
+        ``predicted`` of each at the head, holds beyond the params and grads buffers, with
+        this model's recomputation or the one given (``hpcps.model.memory_encdec``)."""
+        shape = BertShape(self.n_layer, self.n_head, self.n_embd, self.vocab_size, self.bias,
+                          self.dropout)
+        return bert_bytes(shape, batch, self.block_size, batch * predicted,
+                          recompute or self.recompute)
 
     def flops_per_token(self) -> float:
         """6 x (block and head matmul parameters) + attention; the head runs on ~mask_prob of
@@ -246,17 +265,16 @@ class BertMLM:
                 keep_probs=blocks.keep_probs))
         rows = xp.flatnonzero(targets.reshape(-1) != -1)
         picked = x.reshape(-1, c)[rows]       # LayerNorm is row-wise: gather first
-        logits, head = mlm_head_forward(picked, P, ws)
         t_sel = targets.reshape(-1)[rows]
-        return logits, t_sel, (idx, rows, emb_mask, blocks, head)
+        return picked, t_sel, (idx, rows, emb_mask, blocks)
 
-    def _backward(self, G: dict, dlogits, caches, ws: Workspace, notify) -> None:
-        idx, rows, emb_mask, blocks, head = caches
+    def _backward(self, G: dict, dpicked, caches, ws: Workspace, notify) -> None:
+        """dpicked: the gradient of the head's input rows (the predicted positions)."""
+        idx, rows, emb_mask, blocks = caches
         xp = self.xp
         b, t = idx.shape
         c = self.n_embd
-        dpicked = mlm_head_backward(dlogits, head, G, ws)
-        dx = ws.get("bwd.resid", (b * t, c), dlogits.dtype)
+        dx = ws.get("bwd.resid", (b * t, c), dpicked.dtype)
         dx.fill(0)
         dx[rows] = dpicked                    # rows are distinct: a plain scatter
         dx = dx.reshape(b, t, c)

@@ -99,6 +99,19 @@ def scatter_add_rows(target, rows, values, ws: Optional[Workspace] = None,
     target[sorted_rows[starts]] += np.add.reduceat(values[order], starts, axis=0)
 
 
+def scatter_add_bytes(rows: int, vocab: int, width: int, itemsize: int = 4,
+                      one_hot_kept: bool = False) -> int:
+    """Bytes ``scatter_add_rows`` (NumPy) allocates at once for ``rows`` values of ``width``
+    into a (vocab, width) target: the one-hot matrix (unless a workspace keeps it,
+    ``one_hot_kept``), its column indices and the GEMM's product; or the sort's int64
+    indices, the gathered rows and the per-row sums."""
+    if rows * vocab <= ONE_HOT_LIMIT:
+        one_hot = 0 if one_hot_kept else vocab * rows * itemsize
+        return one_hot + 8 * rows + vocab * width * itemsize
+    unique = min(rows, vocab)
+    return 16 * rows + 8 * unique + (rows + unique) * width * itemsize
+
+
 # -- layer norm ------------------------------------------------------------------------
 
 def normalize_forward(x, eps: float, ws: Workspace, name: str):

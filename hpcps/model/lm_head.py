@@ -5,7 +5,8 @@ fp32, more than all the activations a recomputing model keeps. Here the final La
 runs once over all rows, then each block of rows gets its logits, softmax, loss and, for
 training, its share of the head's weight gradient and of d(LayerNorm output), before the
 next block reuses the same logits buffer. Peak: one (rows, vocab) block and one weight-
-sized gradient buffer instead of the whole logits.
+sized gradient buffer instead of the whole logits. GPT's head (tied or not) and BERT's
+MLM decoder (tied, with an output bias) both run here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 from hpcps.model.layers import (
+    column_sum_into,
     cross_entropy_backward,
     cross_entropy_forward,
     layernorm_backward,
@@ -29,24 +31,19 @@ def rows_per_chunk(rows: int, vocab: int, itemsize: int) -> int:
 
 
 def head_loss(x, ln_w, ln_b, weight, targets, ws: Workspace, grads: Optional[tuple] = None,
-              dloss: float = 1.0):
-    """Mean cross-entropy of softmax(LN(x) weight^T) over targets != -1 -> (loss, dx).
+              dloss: float = 1.0, bias=None):
+    """Mean cross-entropy of softmax(LN(x) weight^T [+ bias]) over targets != -1 -> (loss, dx).
 
-    grads: (d_ln_w, d_ln_b or None, d_weight) to overwrite with the head's gradients of
-    ``dloss`` x the loss; dx is then d(loss)/dx shaped like x (else None)."""
-    c = x.shape[-1]
+    grads: (d_ln_w, d_ln_b or None, d_weight[, d_bias]) to overwrite with the head's
+    gradients of ``dloss`` x the loss (d_bias when there is a ``bias``); dx is then
+    d(loss)/dx shaped like x (else None)."""
     t = targets.reshape(-1)
-    y, ln_cache = layernorm_forward(x.reshape(-1, c), ln_w, ln_b, ws=ws, name="head.ln")
-    n, v = y.shape[0], weight.shape[0]
+    y, ln_cache = _normalized(x, ln_w, ln_b, ws)
+    n, c = y.shape
     total = max(int((t != -1).sum()), 1)
-    step = rows_per_chunk(n, v, y.dtype.itemsize)
-    logits_buf = ws.get("head.logits", (step, v), y.dtype)
     dy = ws.get("bwd.head.dy", (n, c), y.dtype) if grads is not None else None
     loss = 0.0
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        logits = logits_buf[:hi - lo]
-        matmul(y[lo:hi], weight.T, out=logits)
+    for lo, hi, logits in _logit_blocks(y, weight, bias, ws):
         part, cache = cross_entropy_forward(logits, t[lo:hi], ws=ws, name="head.xent",
                                             in_place=True)
         count = int((t[lo:hi] != -1).sum())
@@ -54,6 +51,8 @@ def head_loss(x, ln_w, ln_b, weight, targets, ws: Workspace, grads: Optional[tup
         if grads is not None:
             d = cross_entropy_backward(cache, dloss * count / total)
             _weight_grad(d, y[lo:hi], grads[2], lo == 0, ws)
+            if bias is not None:
+                column_sum_into(grads[3], d, ws, accumulate=lo > 0)
             matmul(d, weight, out=dy[lo:hi])
     loss /= total
     if grads is None:
@@ -61,6 +60,49 @@ def head_loss(x, ln_w, ln_b, weight, targets, ws: Workspace, grads: Optional[tup
     dx = layernorm_backward(dy, ln_cache, grads[0], grads[1], ws, "bwd.head.ln",
                             accumulate=False)
     return loss, dx.reshape(x.shape)
+
+
+def head_eval(x, ln_w, ln_b, weight, targets, ws: Workspace, bias=None) -> tuple[float, int]:
+    """(mean cross-entropy as ``head_loss``, rows whose largest logit is their target)."""
+    t = targets.reshape(-1)
+    y, _ = _normalized(x, ln_w, ln_b, ws)
+    total = max(int((t != -1).sum()), 1)
+    loss, correct = 0.0, 0
+    for lo, hi, logits in _logit_blocks(y, weight, bias, ws):
+        # the argmax before the softmax overwrites the logits with probabilities
+        correct += int((logits.argmax(axis=1) == t[lo:hi]).sum())
+        part, _ = cross_entropy_forward(logits, t[lo:hi], ws=ws, name="head.xent",
+                                        in_place=True)
+        loss += float(part) * int((t[lo:hi] != -1).sum())
+    return loss / total, correct
+
+
+def head_logits(x, ln_w, ln_b, weight, ws: Workspace, bias=None):
+    """All (rows, vocab) logits at once, as the blocks compute them (inference on few rows)."""
+    y, _ = _normalized(x, ln_w, ln_b, ws)
+    logits = matmul(y, weight.T)
+    if bias is not None:
+        logits += bias
+    return logits
+
+
+def _normalized(x, ln_w, ln_b, ws: Workspace):
+    """LN(x) over rows (rows, C) and its cache: run once, read by every block."""
+    return layernorm_forward(x.reshape(-1, x.shape[-1]), ln_w, ln_b, ws=ws, name="head.ln")
+
+
+def _logit_blocks(y, weight, bias, ws: Workspace):
+    """(lo, hi, logits of rows lo..hi) for each block, all in one reused buffer."""
+    n, v = y.shape[0], weight.shape[0]
+    step = rows_per_chunk(n, v, y.dtype.itemsize)
+    logits_buf = ws.get("head.logits", (step, v), y.dtype)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        logits = logits_buf[:hi - lo]
+        matmul(y[lo:hi], weight.T, out=logits)
+        if bias is not None:
+            logits += bias
+        yield lo, hi, logits
 
 
 def _weight_grad(d, y, dweight, first: bool, ws: Workspace) -> None:

@@ -1,5 +1,6 @@
-"""Bytes a transformer's forward + backward holds, from its shape, before anything is
-allocated (the start-up memory check and ``hpcps plan``).
+"""Bytes GPT's forward + backward holds, from its shape, before anything is allocated (the
+start-up memory check and ``hpcps plan``; BERT and the encoder-decoder are counted in
+``hpcps.model.memory_encdec``).
 
 The count follows the workspace of ``hpcps.model.gpt`` buffer by buffer (a test checks it
 against a real step's workspace, exactly): per block the kept activations (14 (N, C)
@@ -34,8 +35,6 @@ class TransformerShape:
     vocab: int
     bias: bool = False
     dropout: float = 0.0
-    causal: bool = True
-    logit_rows: float = 1.0    # share of tokens that reach the LM head (BERT: the masked ones)
 
 
 def block_set_bytes(s: TransformerShape, b: int, keep_probs: bool, item: int = 4) -> int:
@@ -62,7 +61,6 @@ def workspace_bytes(s: TransformerShape, b: int, recompute: str, evaluation: boo
     """{activations, logits, scratch}: the workspace of one batch shard of b sequences after
     a training step (and an evaluation at the same batch when ``evaluation``)."""
     n, c, t, v, h = b * s.seq, s.n_embd, s.seq, s.vocab, s.n_head
-    rows = int(round(n * s.logit_rows))
     hc = head_chunk(b, h, t, t, item)
     chunks = b * hc * t * t * (3 if s.dropout else 2)
     if recompute == "block":
@@ -81,8 +79,8 @@ def workspace_bytes(s: TransformerShape, b: int, recompute: str, evaluation: boo
         kept += block_set_bytes(s, b, False, item)
     shared = (SHARED_PER_TOKEN + (1 if s.dropout else 0)) * n * c + FOLDED_WEIGHTS * c * c
     shared += t * t + t + n + 4 * c + v                             # mask, ones, q scale
-    head_rows = rows_per_chunk(rows, v, item)
-    if head_rows < rows:
+    head_rows = rows_per_chunk(n, v, item)
+    if head_rows < n:
         shared += v * c                                             # the head's weight grad
     if n * v <= ONE_HOT_LIMIT:
         shared += v * n

@@ -32,12 +32,14 @@ from hpcps.model.layers import (
     embedding_forward,
     linear_backward,
     linear_forward,
+    scatter_add_bytes,
 )
 from hpcps.model.layout import ParamLayout
 
 CELLS = ("lstm", "gru")
 GATES = {"lstm": 4, "gru": 3}
 POOLS = ("last", "mean")
+STEP_TEMPORARIES = 8      # (B, H) arrays one time step's elementwise work holds at once
 
 
 def sigmoid(x):
@@ -291,6 +293,44 @@ class RNNClassifier:
     def flops_per_token(self) -> float:
         gates = GATES[self.cell] * self.hidden
         return 6.0 * gates * (self.embed_dim + self.hidden)
+
+    # -- memory (the start-up check) -------------------------------------------------
+    def memory_bytes(self, batch: int, steps: int, eval_batch: int = 0, item: int = 4) -> dict:
+        """{activations, logits, scratch} at the peak of a training step over ``batch``
+        strings padded to ``steps`` tokens, or of an evaluation forward over ``eval_batch``
+        strings when that is larger. Nothing outlives a step (there is no workspace), so
+        the peak is the largest set of arrays alive at once: the forward's cache (inputs,
+        states, gate activations) with the pre-activations at the end of the forward, or
+        with the gradients of the states, gates and inputs at the end of the recurrent
+        backward, or with the embedding's scatter."""
+        train = self._step_bytes(batch, steps, item, backward=True)
+        if not eval_batch:
+            return train
+        evaluation = self._step_bytes(eval_batch, steps, item, backward=False)
+        return max(train, evaluation, key=lambda terms: sum(terms.values()))
+
+    def _step_bytes(self, b: int, t: int, item: int, backward: bool) -> dict:
+        e, hid = self.embed_dim, self.hidden
+        lstm = self.cell == "lstm"
+        x = t * b * e * item                            # embedded inputs, and later dx
+        states = (t + 1) * b * hid * item               # h (and the LSTM's c)
+        gates = t * b * GATES[self.cell] * hid * item   # pre-activations, activations, grads
+        per_step = t * b * hid * item                   # tanh(c) or h Whn; d(h); mean pool
+        rows = STEP_TEMPORARIES * b * hid * item
+        cache = x + (2 if lstm else 1) * states + gates + per_step + t * b * item   # + mask
+        peak = gates + rows                             # end of the forward: pre-activations
+        if self.pool == "mean":
+            peak = max(peak, per_step)
+        if backward:
+            gate_grads = (1 if lstm else 2) * gates    # da, or the GRU's dax and dah
+            weight_tmp = GATES[self.cell] * hid * max(e, hid) * item
+            recurrent = per_step + gate_grads + x + rows + weight_tmp
+            # the scatter's row ids are a copy: the lookup read the tokens transposed
+            lookup = per_step + x + 8 * t * b + scatter_add_bytes(t * b, self.vocab_size, e,
+                                                                  item)
+            peak = max(peak, recurrent, lookup)
+        logits = 2 * b * self.n_labels * item           # logits and probabilities
+        return {"activations": cache, "logits": logits, "scratch": peak + 8 * b * t}
 
 
 def predict(logits) -> tuple[np.ndarray, np.ndarray]:

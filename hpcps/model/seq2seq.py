@@ -53,6 +53,7 @@ from hpcps.model.layers import (
     layernorm_linear_forward,
 )
 from hpcps.model.layout import GradReady, ParamLayout, grad_ready_notifier
+from hpcps.model.memory_encdec import EncDecShape, seq2seq_bytes
 from hpcps.model.recompute import BlockActivations, check_recompute
 from hpcps.model.workspace import Workspace
 
@@ -234,6 +235,17 @@ class Seq2Seq:
                            + self.n_dec_layer * (tgt_tokens * tgt_tokens
                                                  + tgt_tokens * src_tokens))
         return 6.0 * (enc * src_tokens + (dec + head) * tgt_tokens) + attn
+
+    def memory_bytes(self, batch: int, recompute: Optional[str] = None) -> dict:
+        """{term: bytes} a training step over ``batch`` pairs at the longest lengths holds
+        beyond the params and grads buffers, with this model's recomputation or the one
+        given (``hpcps.model.memory_encdec``). One workspace: a step padded shorter needs
+        less, but each padded shape keeps its own (up to a few, see ``_workspace``)."""
+        shape = EncDecShape(self.n_layer, self.n_dec_layer, self.n_head, self.n_embd,
+                            self.src_vocab, self.tgt_vocab, self.max_src_len, self.max_tgt_len,
+                            self.bias, self.dropout)
+        return seq2seq_bytes(shape, batch, self.max_src_len, self.max_tgt_len,
+                             recompute or self.recompute)
 
     # -- decoding ----------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from hpcps.backend import CPU, Backend, array_module
 from hpcps.errors import UserError
-from hpcps.model.layers import scatter_add_rows
+from hpcps.model.layers import scatter_add_bytes, scatter_add_rows
 from hpcps.model.layout import ParamLayout
 
 
@@ -128,6 +128,30 @@ class SkipGram:
     def flops_per_pair(self, negatives: int) -> float:
         # forward scores + du + dv: three (1 + k) x d multiply-adds per pair
         return 6.0 * self.dim * (1 + negatives)
+
+    def memory_bytes(self, batch: int, negatives: int, eval_batch: int = 0,
+                     item: int = 4) -> dict:
+        """{activations, logits, scratch} at the peak of a training step over ``batch``
+        pairs with ``negatives`` negatives each, or of an evaluation forward over
+        ``eval_batch`` pairs when that is larger. Nothing outlives a step: the peak is the
+        gathered rows (u, v), their scores and gradients (du, dv) and the larger of the two
+        scatters into the tables' gradients (``layers.scatter_add_rows``)."""
+        train = self._step_bytes(batch, 1 + negatives, item, backward=True)
+        if not eval_batch:
+            return train
+        evaluation = self._step_bytes(eval_batch, 1 + negatives, item, backward=False)
+        return max(train, evaluation, key=lambda terms: sum(terms.values()))
+
+    def _step_bytes(self, b: int, targets: int, item: int, backward: bool) -> dict:
+        d, v = self.dim, self.vocab_size
+        rows = (b + b * targets) * d * item                  # u (B, d), v (B, 1 + k, d)
+        scores = b * targets * item
+        inputs = 8 * b * (1 + targets)                       # centers, targets (int64)
+        if not backward:                                     # log-sigmoid's temporaries
+            return {"activations": rows, "logits": scores, "scratch": 4 * scores + inputs}
+        scatter = max(scatter_add_bytes(b, v, d, item),
+                      scatter_add_bytes(b * targets, v, d, item))
+        return {"activations": 2 * rows, "logits": scores, "scratch": scatter + inputs}
 
 
 def cosine_neighbours(vectors: np.ndarray, query: int, top: int,

@@ -150,7 +150,8 @@ def fitting_settings(cfg, job: JobShape, workload, estimates: list, memory: dict
 
     recompute = getattr(cfg.train, "recompute", "none")
     has_model = bool(model_terms(cfg, workload))
-    if has_model:
+    can_recompute = has_model and workload.recomputes
+    if can_recompute:
         for mode in ("attention", "block"):
             if mode != recompute and _order(mode) > _order(recompute) and \
                     ok(estimate_job(cfg, job, workload, baselines, recompute=mode)):
@@ -165,7 +166,7 @@ def fitting_settings(cfg, job: JobShape, workload, estimates: list, memory: dict
         if ok(estimate_job(cfg, flat, workload, baselines)):
             fits.append("ps.hierarchy=node")
     if has_model:
-        for mode in dict.fromkeys((recompute, "block")):
+        for mode in dict.fromkeys((recompute, "block") if can_recompute else (recompute,)):
             batch = _largest_batch(cfg, job, workload, baselines, memory, mode)
             if batch:
                 fits.append(f"train.batch_size={batch}" +
@@ -174,13 +175,16 @@ def fitting_settings(cfg, job: JobShape, workload, estimates: list, memory: dict
         return "would fit: " + " or ".join(fits)
     per_node = min(m.available for m in memory.values())
     if has_model:
-        lean = estimate_job(cfg, job, workload, baselines, recompute="block", batch=1)
+        lean = estimate_job(cfg, job, workload, baselines,
+                            **({"recompute": "block"} if can_recompute else {}), batch=1)
         worker = max((e for e in lean if e.kind == "worker"), key=lambda e: e.to_allocate)
         if worker.to_allocate > per_node:
+            lean_setting = "train.batch_size=1" + (" with train.recompute=block"
+                                                   if can_recompute else "")
             return (f"no setting fits: one worker alone needs {gib(worker.to_allocate)} (its "
-                    f"parameters, gradients and, at train.batch_size=1 with "
-                    f"train.recompute=block, its activations), more than a node's "
-                    f"{gib(per_node)}: use a smaller model or nodes with more memory")
+                    f"parameters, gradients and, at {lean_setting}, its activations), more "
+                    f"than a node's {gib(per_node)}: use a smaller model or nodes with more "
+                    f"memory")
     nodes = max(math.ceil(sum(e.to_allocate for e in estimates) / max(per_node, 1)),
                 len(memory) + 1)
     return (f"no setting fits on {len(memory)} node(s) like these: spread the job over at "

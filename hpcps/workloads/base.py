@@ -20,6 +20,7 @@ class Workload(ABC):
     name: str = ""
     layout: ParamLayout
     tokens_per_item: int = 1        # tokens a training item (sequence) contributes to tokens/s
+    recomputes: bool = False        # whether train.recompute changes what a step keeps
 
     @abstractmethod
     def train_batch(self, step: int, lo: int, hi: int) -> Any:
@@ -52,9 +53,8 @@ class Workload(ABC):
     def memory_bytes(self, batch: int, recompute: Optional[str] = None) -> dict[str, int]:
         """{term: bytes} the model's training step over ``batch`` items holds beyond the flat
         parameter and gradient buffers (the start-up memory check), with the configured
-        ``train.recompute`` or the one given. Empty for models whose activations are small
-        next to their parameters (skip-gram rows, the synthetic workload) or not yet
-        counted (the RNN, seq2seq)."""
+        ``train.recompute`` or the one given (ignored where ``recomputes`` is False). Empty
+        for a workload without a model of its own (the synthetic one)."""
         return {}
 
     def data_bytes(self) -> dict[str, int]:

@@ -111,7 +111,8 @@ class BertWorkload(TokenStreamWorkload):
                            random_token_prob=bc.random_token_prob)
 
     def memory_bytes(self, batch, recompute=None):
-        return self.model.memory_bytes(batch, self.cfg.bert.mask_prob, recompute)
+        predicted = masked_count(self.block_size, self.cfg.bert.mask_prob)
+        return self.model.memory_bytes(batch, predicted, recompute)
 
     def train_batch(self, step, lo, hi):
         return self.masked_batch("train", step, lo, hi)

@@ -50,6 +50,7 @@ def open_lm_corpus(cfg, kinds=("lm",)):
 class TokenStreamWorkload(Workload):
     """A workload that reads windows of one token stream (gpt, bert): the per-split
     batchers and moving arrays to the device."""
+    recomputes = True
 
     def _device(self, array):
         return self.backend.asarray(array) if self.backend.is_gpu else array

@@ -115,6 +115,12 @@ class RNNWorkload(Workload):
     def flops_per_item(self):
         return self.model.flops_per_token() * self.tokens_per_item
 
+    def memory_bytes(self, batch, recompute=None):
+        """A step's strings are padded to at most rnn.max_len; the final evaluation runs
+        EVAL_CHUNK strings (at most the val split) at a time."""
+        chunk = min(EVAL_CHUNK, self.corpus.split("val").n) if self.cfg.train.eval_steps else 0
+        return self.model.memory_bytes(batch, self.max_len, eval_batch=chunk)
+
     def describe(self):
         r = self.cfg.rnn
         return {"workload": self.name, "n_params": self.layout.total,

@@ -109,6 +109,7 @@ def bleu_from_sums(sums: dict, prefix: str) -> float:
 
 class Seq2SeqWorkload(Workload):
     name = "seq2seq"
+    recomputes = True
 
     def __init__(self, cfg, backend, corpus):
         m, sc = cfg.model, cfg.seq2seq
@@ -291,6 +292,9 @@ class Seq2SeqWorkload(Workload):
 
     def flops_per_item(self):
         return self.model.flops_per_pair(*self.mean_lengths())
+
+    def memory_bytes(self, batch, recompute=None):
+        return self.model.memory_bytes(batch, recompute)
 
     def describe(self):
         m, sc = self.cfg.model, self.cfg.seq2seq

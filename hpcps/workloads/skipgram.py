@@ -193,6 +193,17 @@ class SkipGramWorkload(Workload):
     def flops_per_item(self):
         return self.model.flops_per_pair(self.negatives)
 
+    def memory_bytes(self, batch, recompute=None):
+        """The final evaluation runs up to EVAL_CHUNK pairs at a time."""
+        chunk = EVAL_CHUNK if self.cfg.train.eval_steps else 0
+        return self.model.memory_bytes(batch, self.negatives, eval_batch=chunk)
+
+    def data_bytes(self):
+        """Both splits stay in RAM, each with its subsampled sequence (at most as long)."""
+        item = np.dtype(self.corpus.token_dtype).itemsize
+        tokens = sum(self.corpus.split(name).n_tokens for name in ("train", "val"))
+        return {"corpus": 2 * tokens * item}
+
     def describe(self):
         sg = self.cfg.skipgram
         return {"workload": self.name, "n_params": self.layout.total,
