@@ -127,6 +127,22 @@ def test_check_names_the_largest_term_and_what_would_fit():
     assert "would fit: train.recompute=block" in text and "train.batch_size=" in text
 
 
+def test_check_names_one_slot_when_a_slot_less_would_fit():
+    cfg, job, workload = _gpt_job("ps.mode=bsp", "train.recompute=block", "train.batch_size=1")
+    estimates = estimate_job(cfg, job, workload, {})
+    server = next(e for e in estimates if e.kind == "server")
+    slot = server.terms["receive slots"] // 2
+    need = sum(e.to_allocate for e in estimates)
+    with pytest.raises(UserError) as err:
+        check_nodes(cfg, job, workload, estimates, {0: NodeMemory(need - slot // 2, "test")})
+    assert "would fit: ps.slots=1" in str(err.value), str(err.value)
+    # negative control: half a slot more than one slot saves is not offered as fitting
+    with pytest.raises(UserError) as err:
+        check_nodes(cfg, job, workload, estimates,
+                    {0: NodeMemory(need - slot - slot // 2, "test")})
+    assert "ps.slots=1" not in str(err.value)
+
+
 def test_check_says_when_no_setting_fits():
     cfg, job, workload = _gpt_job()
     estimates = estimate_job(cfg, job, workload, {})
