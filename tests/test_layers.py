@@ -341,6 +341,22 @@ def test_attention_grad(causal, tq, tk):
     assert report.ok, report
 
 
+def test_attention_grad_in_causal_row_blocks(monkeypatch):
+    """Causal self-attention in row blocks (``causal_blocks``, made small here: rows of
+    7 in 3 blocks) against finite differences, and against one piece."""
+    monkeypatch.setattr(attention, "CAUSAL_BLOCKS_FROM", 6)
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 3)
+    assert attention.causal_blocks(np, True, None, None, 7, 7) == [(0, 3), (3, 6), (6, 7)]
+    report = check_layer_grad(_attention_loss(True, 7, 7), _qkv(7, 7))
+    assert report.ok, report
+    blocked = _attention_loss(True, 7, 7)(_qkv(7, 7))
+    monkeypatch.setattr(attention, "CAUSAL_BLOCKS_FROM", 1 << 30)
+    whole = _attention_loss(True, 7, 7)(_qkv(7, 7))
+    assert blocked[0] == pytest.approx(whole[0], rel=1e-12)
+    for name in "qkv":
+        np.testing.assert_allclose(blocked[1][name], whole[1][name], rtol=1e-11, atol=1e-13)
+
+
 def test_attention_negative_control_drops_softmax_rowdot():
     assert_fails(check_layer_grad(_attention_loss(True, drop_rowdot=True), _qkv()))
 

@@ -37,9 +37,13 @@ def _grads(model: GPT, keys=None, dtype=np.float32):
 
 
 @pytest.mark.parametrize("mode", ["attention", "block"])
-@pytest.mark.parametrize("bias,dropout,threads", [(False, 0.0, 1), (True, 0.0, 2),
-                                                  (True, 0.2, 1), (False, 0.2, 2)])
-def test_gradients_bit_identical_to_none(mode, bias, dropout, threads):
+@pytest.mark.parametrize("bias,dropout,threads,row_blocks", [
+    (False, 0.0, 1, False), (True, 0.0, 2, False), (True, 0.2, 1, False), (False, 0.2, 2, False),
+    (True, 0.0, 1, True), (False, 0.2, 2, True)])
+def test_gradients_bit_identical_to_none(monkeypatch, mode, bias, dropout, threads, row_blocks):
+    if row_blocks:   # causal self-attention in row blocks of 5 (16 tokens: 4 blocks)
+        monkeypatch.setattr(attention, "CAUSAL_BLOCKS_FROM", 16)
+        monkeypatch.setattr(attention, "CAUSAL_BLOCK", 5)
     kw = dict(SHAPE, bias=bias, dropout=dropout, threads=threads)
     keys = [3, 1, 4, 1] if dropout else None
     loss_none, g_none = _grads(GPT(**kw, recompute="none"), keys)
@@ -104,10 +108,16 @@ def test_what_each_mode_keeps():
     assert {n for n in att if n.startswith("h2.")} and "blk.attn.qkv.xhat" in block
 
 
-@pytest.mark.parametrize("causal,bias_heads", [(True, 0), (False, 1), (False, 6)])
-def test_attention_core_chunks_bit_identical(monkeypatch, causal, bias_heads):
+@pytest.mark.parametrize("causal,bias_heads,row_blocks", [(True, 0, False), (False, 1, False),
+                                                          (False, 6, False), (True, 0, True)])
+def test_attention_core_chunks_bit_identical(monkeypatch, causal, bias_heads, row_blocks):
     """Heads in chunks of 2 (scratch capped) against one piece; key masks with one or all
-    heads; dropout; the same q/k/v/dq/dk/dv bits."""
+    heads; dropout; causal row blocks (``causal_blocks``, made small here); the same
+    q/k/v/dq/dk/dv bits."""
+    if row_blocks:
+        monkeypatch.setattr(attention, "CAUSAL_BLOCKS_FROM", 8)
+        monkeypatch.setattr(attention, "CAUSAL_BLOCK", 4)
+        assert attention.causal_blocks(np, True, None, None, 9, 9) == [(0, 4), (4, 8), (8, 9)]
     rng = np.random.default_rng(1)
     b, h, t, hs = 2, 6, 9, 4
     q, k, v, dy = (rng.standard_normal((b, h, t, hs)).astype(np.float32) for _ in range(4))
@@ -127,9 +137,13 @@ def test_attention_core_chunks_bit_identical(monkeypatch, causal, bias_heads):
         assert np.array_equal(a, c)
 
 
-def test_attention_core_large_scores_take_the_shift_for_every_head(monkeypatch):
+@pytest.mark.parametrize("row_blocks", [False, True])
+def test_attention_core_large_scores_take_the_shift_for_every_head(monkeypatch, row_blocks):
     """One head's scores overflow exp without the max shift: the one-piece softmax then
     shifts every head, and so must the chunks (else the other heads' bits differ)."""
+    if row_blocks:
+        monkeypatch.setattr(attention, "CAUSAL_BLOCKS_FROM", 4)
+        monkeypatch.setattr(attention, "CAUSAL_BLOCK", 2)
     rng = np.random.default_rng(3)
     b, h, t, hs = 1, 4, 5, 8
     q, k, v, dy = (rng.standard_normal((b, h, t, hs)).astype(np.float32) for _ in range(4))

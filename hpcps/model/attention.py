@@ -40,6 +40,51 @@ def causal_bias(ws: Workspace, tq: int, tk: int, dtype):
 # term overflowed, and terms lost to underflow are < e^-20 of the row's largest
 _SUM_LO, _SUM_HI = math.exp(-60.0), math.exp(80.0)
 
+CAUSAL_BLOCK = 128         # query rows per block of causal self-attention on the CPU
+CAUSAL_BLOCKS_FROM = 512   # sequences at least this long run in blocks (shorter: one piece)
+
+
+def causal_blocks(xp, causal: bool, attn_bias, dropout, tq: int, tk: int):
+    """Row blocks (a, e) of causal self-attention on the CPU, or None for one piece.
+
+    Rows a..e see keys 0..e only, so the scores, probabilities and their gradients right
+    of a block's last key are never computed, stored or read: at T = 1024 in blocks of
+    128 that is 44 % of the attention's GEMM and softmax work (PyTorch's CPU attention
+    skips it too). Each block is a GEMM of its own, so the sums differ in the last bits
+    from one piece; every path (kept or recomputed probabilities) uses the same blocks."""
+    if xp is not np or not causal or attn_bias is not None or tq != tk or tq < CAUSAL_BLOCKS_FROM:
+        return None
+    if dropout is not None and tuple(dropout.shape[-2:]) != (tq, tk):
+        return None
+    return [(a, min(tq, a + CAUSAL_BLOCK)) for a in range(0, tq, CAUSAL_BLOCK)]
+
+
+def _probs_times_v(probs, v, out, blocks) -> None:
+    """out = probs v (blocks: each row block with its own keys only)."""
+    if blocks is None:
+        matmul(probs, v, out=out)
+        return
+    for a, e in blocks:
+        matmul(probs[..., a:e, :e], v[..., :e, :], out=out[..., a:e, :])
+
+
+def _apply_mask(att, mask, probs, blocks) -> None:
+    """probs = att * mask (a dropout mask), only where the blocks computed att."""
+    if blocks is None:
+        array_module(att).multiply(att, mask, out=probs)
+        return
+    for a, e in blocks:
+        np.multiply(att[..., a:e, :e], mask[..., a:e, :e], out=probs[..., a:e, :e])
+
+
+def _normalize(att, total, blocks) -> None:
+    """att *= 1 / row sums (``total`` holds the reciprocals)."""
+    if blocks is None:
+        att *= total[..., None]
+        return
+    for a, e in blocks:
+        att[..., a:e, :e] *= total[..., a:e, None]
+
 
 def attention_forward(q, k, v, *, causal: bool, scale: Optional[float] = None, attn_bias=None,
                       dropout=None, out=None, ws: Optional[Workspace] = None, name: str = "attn",
@@ -67,16 +112,18 @@ def attention_forward(q, k, v, *, causal: bool, scale: Optional[float] = None, a
     if not keep_probs:
         return out, _recomputed_forward(q, k, v, causal, scale, attn_bias, dropout, out, ws)
     att = ws.get(name + ".att", (b, h, tq, tk), dt)
-    _softmax_scores(q, k, att, causal, scale, attn_bias, ws)
+    blocks = causal_blocks(xp, causal, attn_bias, dropout, tq, tk)
+    _softmax_scores(q, k, att, causal, scale, attn_bias, ws, blocks)
     probs = att
     if dropout is not None:
         probs = ws.get(name + ".att_drop", att.shape, dt)
-        xp.multiply(att, dropout, out=probs)
-    matmul(probs, v, out=out)
-    return out, (q, k, v, att, probs, dropout, scale)
+        _apply_mask(att, dropout, probs, blocks)
+    _probs_times_v(probs, v, out, blocks)
+    return out, (q, k, v, att, probs, dropout, scale, blocks)
 
 
-def _softmax_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace) -> None:
+def _softmax_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace,
+                    blocks=None) -> None:
     """att = softmax(scale * q k^T + masks) over the last axis, in place.
 
     On the CPU the max shift (a slow row reduction) is skipped when the row sums
@@ -91,23 +138,26 @@ def _softmax_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Worksp
     cpu = ws.xp is np
     if cpu:
         with np.errstate(over="ignore"):   # an overflow is caught by the range check below
-            total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, shift=False)
+            total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, False, blocks)
     else:
-        total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, shift=True)
+        total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, True, blocks)
     if cpu and not (_SUM_LO <= total.min() and total.max() <= _SUM_HI):
-        total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, shift=True)
+        total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, True, blocks)
     ws.xp.reciprocal(total, out=total)
-    att *= total[..., None]
+    _normalize(att, total, blocks)
 
 
 def _fused_softmax_fits(tk: int) -> bool:
     return kernels.softmax_supported(tk)
 
 
-def _exp_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace, shift: bool):
+def _exp_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace, shift: bool,
+                blocks=None):
     """att = exp(scale * (q k^T + masks - [row max])); returns the row sums."""
     xp = ws.xp
     dt = att.dtype
+    if blocks is not None:
+        return _exp_score_blocks(q, k, att, scale, ws, shift, blocks)
     matmul(q, k.swapaxes(-1, -2), out=att)
     if causal:
         att += causal_bias(ws, att.shape[-2], att.shape[-1], dt)
@@ -119,6 +169,25 @@ def _exp_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace,
         att *= dt.type(scale)
     xp.exp(att, out=att)
     return xp.matmul(att, ones(ws, att.shape[-1], dt))
+
+
+def _exp_score_blocks(q, k, att, scale: float, ws: Workspace, shift: bool, blocks):
+    """``_exp_scores`` of causal self-attention, a row block at a time (``causal_blocks``)."""
+    dt = att.dtype
+    tq = att.shape[-2]
+    mask = causal_bias(ws, tq, tq, dt)
+    total = np.empty(att.shape[:-1], dtype=dt)
+    for a, e in blocks:
+        part = att[..., a:e, :e]
+        matmul(q[..., a:e, :], k[..., :e, :].swapaxes(-1, -2), out=part)
+        part += mask[a:e, :e]
+        if shift:
+            part -= part.max(axis=-1, keepdims=True)
+        if scale != 1.0:
+            part *= dt.type(scale)
+        np.exp(part, out=part)
+        np.matmul(part, ones(ws, e, dt), out=total[..., a:e])
+    return total
 
 
 def attention_backward(dy, cache, dq=None, dk=None, dv=None, ws: Optional[Workspace] = None,
@@ -134,17 +203,20 @@ def attention_backward(dy, cache, dq=None, dk=None, dv=None, ws: Optional[Worksp
     if isinstance(cache, _Recomputed):
         _recomputed_backward(dy, cache, dq, dk, dv, ws)
         return dq, dk, dv
-    _, _, _, att, probs, dropout, scale = cache
+    _, _, _, att, probs, dropout, scale, blocks = cache
     datt = ws.get("tmp.attn.datt", att.shape, dt)
-    _probs_backward(dy, q, k, v, att, probs, dropout, scale, dq, dk, dv, datt, ws)
+    _probs_backward(dy, q, k, v, att, probs, dropout, scale, dq, dk, dv, datt, ws, blocks)
     return dq, dk, dv
 
 
 def _probs_backward(dy, q, k, v, att, probs, dropout, scale: float, dq, dk, dv, datt,
-                    ws: Workspace) -> None:
+                    ws: Workspace, blocks=None) -> None:
     """The backward through probs v and the softmax, given the forward's probabilities."""
     xp = ws.xp
     dt = q.dtype
+    if blocks is not None:
+        _probs_backward_blocks(dy, q, k, v, att, probs, dropout, scale, dq, dk, dv, datt, blocks)
+        return
     matmul(probs.swapaxes(-1, -2), dy, out=dv)
     matmul(dy, v.swapaxes(-1, -2), out=datt)
     if dropout is not None:
@@ -160,6 +232,29 @@ def _probs_backward(dy, q, k, v, att, probs, dropout, scale: float, dq, dk, dv, 
             datt *= dt.type(scale)
     matmul(datt, k, out=dq)
     matmul(datt.swapaxes(-1, -2), q, out=dk)
+
+
+def _probs_backward_blocks(dy, q, k, v, att, probs, dropout, scale: float, dq, dk, dv, datt,
+                           blocks) -> None:
+    """``_probs_backward`` of causal self-attention in row blocks. Key block a..e is seen by
+    rows a.. only, so dv and dk of those keys are one GEMM each over those rows (no sums
+    across blocks); dq of row block a..e needs keys 0..e."""
+    dt = q.dtype
+    for a, e in blocks:
+        matmul(probs[..., a:, a:e].swapaxes(-1, -2), dy[..., a:, :], out=dv[..., a:e, :])
+    for a, e in blocks:
+        d, p = datt[..., a:e, :e], att[..., a:e, :e]
+        matmul(dy[..., a:e, :], v[..., :e, :].swapaxes(-1, -2), out=d)
+        if dropout is not None:
+            d *= dropout[..., a:e, :e]
+        rowdot = np.einsum("bhij,bhij->bhi", d, p)
+        d -= rowdot[..., None]
+        d *= p
+        if scale != 1.0:
+            d *= dt.type(scale)
+        matmul(d, k[..., :e, :], out=dq[..., a:e, :])
+    for a, e in blocks:
+        matmul(datt[..., a:, a:e].swapaxes(-1, -2), q[..., a:, :], out=dk[..., a:e, :])
 
 
 # -- recomputed probabilities (train.recompute) -------------------------------------------
@@ -187,7 +282,7 @@ def _head_slice(mask, lo: int, hi: int):
 
 
 def _chunk_probs(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace,
-                 shift: bool) -> bool:
+                 shift: bool, blocks=None) -> bool:
     """att = softmax of one head group's scores, in place, as ``_softmax_scores`` computes it
     (same operations per head). Returns False when, without the shift, a row sum left the
     safe range: the caller then starts again with ``shift`` for every head, as the
@@ -196,11 +291,11 @@ def _chunk_probs(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace
         _softmax_scores(q, k, att, causal, scale, attn_bias, ws)
         return True
     with np.errstate(over="ignore"):
-        total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, shift=shift)
+        total = _exp_scores(q, k, att, causal, scale, attn_bias, ws, shift, blocks)
     if not shift and not (_SUM_LO <= total.min() and total.max() <= _SUM_HI):
         return False
     np.reciprocal(total, out=total)
-    att *= total[..., None]
+    _normalize(att, total, blocks)
     return True
 
 
@@ -208,6 +303,12 @@ def _chunks(cache: "_Recomputed"):
     q = cache[0]
     h, hc = q.shape[1], cache[8]
     return [(lo, lo + hc) for lo in range(0, h, hc)]
+
+
+def _blocks(cache: "_Recomputed"):
+    """The row blocks of a recomputed attention (the same as its forward's)."""
+    q, k, _, attn_bias, dropout, _, causal = cache[:7]
+    return causal_blocks(array_module(q), causal, attn_bias, dropout, q.shape[2], k.shape[2])
 
 
 def _recomputed_forward(q, k, v, causal: bool, scale: float, attn_bias, dropout, out,
@@ -228,11 +329,12 @@ def _chunk_forward(cache: "_Recomputed", lo: int, hi: int, out, ws: Workspace) -
     att = _chunk_scores(cache, lo, hi, ws)
     if att is None:
         return False
+    blocks = _blocks(cache)
     probs = att
     if dropout is not None:
         probs = ws.get("tmp.attn.chunk_drop", att.shape, att.dtype)
-        ws.xp.multiply(att, _head_slice(dropout, lo, hi), out=probs)
-    matmul(probs, v[:, lo:hi], out=out[:, lo:hi])
+        _apply_mask(att, _head_slice(dropout, lo, hi), probs, blocks)
+    _probs_times_v(probs, v[:, lo:hi], out[:, lo:hi], blocks)
     return True
 
 
@@ -243,22 +345,23 @@ def _chunk_scores(cache: "_Recomputed", lo: int, hi: int, ws: Workspace):
     b, _, tq, _ = q.shape
     att = ws.get("tmp.attn.chunk", (b, hi - lo, tq, k.shape[2]), q.dtype)
     ok = _chunk_probs(q[:, lo:hi], k[:, lo:hi], att, causal, scale,
-                      _head_slice(attn_bias, lo, hi), ws, shift)
+                      _head_slice(attn_bias, lo, hi), ws, shift, _blocks(cache))
     return att if ok else None
 
 
 def _recomputed_backward(dy, cache: "_Recomputed", dq, dk, dv, ws: Workspace) -> None:
     q, k, v, _, dropout, scale, _, _, _ = cache
+    blocks = _blocks(cache)
     for lo, hi in _chunks(cache):
         att = _chunk_scores(cache, lo, hi, ws)
         mask = _head_slice(dropout, lo, hi)
         probs = att
         if mask is not None:
             probs = ws.get("tmp.attn.chunk_drop", att.shape, att.dtype)
-            ws.xp.multiply(att, mask, out=probs)
+            _apply_mask(att, mask, probs, blocks)
         datt = ws.get("tmp.attn.chunk_datt", att.shape, att.dtype)
         _probs_backward(dy[:, lo:hi], q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], att, probs, mask,
-                        scale, dq[:, lo:hi], dk[:, lo:hi], dv[:, lo:hi], datt, ws)
+                        scale, dq[:, lo:hi], dk[:, lo:hi], dv[:, lo:hi], datt, ws, blocks)
 
 
 def split_heads(x, n_head: int):
