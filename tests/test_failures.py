@@ -74,6 +74,29 @@ def test_signal_checkpoints_and_exits_3(shakespeare_corpus, tmp_path, mode, n, r
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["asp", "bsp"])
+def test_stop_signalled_during_a_checkpoint_keeps_every_record(shakespeare_corpus, tmp_path,
+                                                              mode):
+    """Both workers get SIGUSR1 while they write the checkpoint of step 3 (as Slurm signals
+    every rank). asp (sample budget): the stop is agreed at step 3 itself, a second meeting
+    there (nothing trained since), whose checkpoint must carry step 3's record again; it
+    once lost it, and the resumed run skipped step 3's record. bsp: the stop comes one step
+    later."""
+    require_implementation("mpich")
+    run = tmp_path / "run"
+    args = tiny_gpt_args(shakespeare_corpus, run, f"ps.mode={mode}", "ps.servers=1", LONG)
+    job = Job(["-q", *args], run, n=3, name="signalled",
+              env={"HPCPS_CHECKPOINT_FAULT": "sigusr1:step=3:rank=0,1"})
+    assert job.wait(90) == 3, job.output()
+    stopped = checkpoint_steps(run)[-1]
+    assert stopped >= 3
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, stopped + 1))
+    run_ok(tiny_gpt_args(shakespeare_corpus, run, f"ps.mode={mode}", "ps.servers=1",
+                         f"train.max_steps={stopped + 3}"), run, n=3, name="resumed")
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, stopped + 4))
+
+
+@pytest.mark.timeout(180)
 def test_signal_in_bsp_under_both_mpis(shakespeare_corpus, tmp_path, mpi_impl):
     run = tmp_path / "run"
     job = Job(["-q", *tiny_gpt_args(shakespeare_corpus, run, "ps.mode=bsp", LONG)], run, n=3,

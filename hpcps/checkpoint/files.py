@@ -125,14 +125,16 @@ def remove_tree(path: str) -> None:
 
 # -- test hook: faults at a given step on a given world rank -----------------------------
 def fault_at(step: int, rank: int) -> Optional[str]:
-    """``HPCPS_CHECKPOINT_FAULT="KIND:step=N:rank=R"`` (KIND: enospc | kill) -> KIND when
-    this save matches. Used by the tests to simulate a full disk and a crash mid-write."""
+    """``HPCPS_CHECKPOINT_FAULT="KIND:step=N:rank=R[,R...]"`` (KIND: enospc | kill | sigusr1) ->
+    KIND when this save matches. Used by the tests to simulate a full disk, a crash
+    mid-write, and a stop signal that arrives during a checkpoint."""
     spec = os.environ.get(FAULT_ENV, "")
     if not spec:
         return None
     kind, *parts = spec.split(":")
     fields = dict(p.split("=", 1) for p in parts if "=" in p)
-    if int(fields.get("step", step)) != step or int(fields.get("rank", 0)) != rank:
+    ranks = [int(r) for r in fields.get("rank", "0").split(",")]   # R or R1,R2,...
+    if int(fields.get("step", step)) != step or rank not in ranks:
         return None
     return kind
 
@@ -142,6 +144,8 @@ def inject(kind: Optional[str], path: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "sigusr1":
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 # -- HDF5 ------------------------------------------------------------------------------

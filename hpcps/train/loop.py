@@ -48,6 +48,10 @@ class Trainer:
         self.start_step = start_step
         self.log = log
         self.pending = pending_record
+        # lead: the record of the last sync point, once written. A stop agreed right after
+        # a meeting meets again at the same step (nothing trained since): that checkpoint
+        # must carry the record again, as the resumed run rewrites it from there
+        self.boundary_record: Optional[dict] = None
         self.peak_flops = peak_flops    # per worker: the MFU denominator (0: unknown)
         self.W = roles.n_workers
         self.b = cfg.train.batch_size
@@ -76,7 +80,11 @@ class Trainer:
         return step == self.cfg.train.max_steps or (bool(every) and step % every == 0 and step > 0)
 
     def worker_state(self, step: int) -> dict:
-        state = {"step": step, "pending_record": json.dumps(self.pending) if self.pending else ""}
+        record = self.pending
+        if record is None and self.boundary_record is not None \
+                and self.boundary_record["step"] == step:
+            record = self.boundary_record   # a second meeting at this sync point
+        state = {"step": step, "pending_record": json.dumps(record) if record else ""}
         state.update(self.sync.worker_state())
         return state
 
@@ -167,7 +175,7 @@ class Trainer:
         if self.eval_due(step):
             self.pending.update(self.evaluate())
         self.log.record(self.pending)
-        self.pending = None
+        self.boundary_record, self.pending = self.pending, None
 
     def _finish(self, step: int, stop: bool) -> int:
         if stop:
