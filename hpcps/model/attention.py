@@ -153,14 +153,25 @@ def _fused_softmax_fits(tk: int) -> bool:
 
 def _exp_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace, shift: bool,
                 blocks=None):
-    """att = exp(scale * (q k^T + masks - [row max])); returns the row sums."""
-    xp = ws.xp
+    """att = exp(scale * (q k^T + masks - [row max])); returns the row sums. ``blocks``:
+    causal row blocks (``causal_blocks``), each with its own keys only."""
     dt = att.dtype
-    if blocks is not None:
-        return _exp_score_blocks(q, k, att, scale, ws, shift, blocks)
+    mask = causal_bias(ws, att.shape[-2], att.shape[-1], dt) if causal else None
+    if blocks is None:
+        return _exp_part(q, k, att, mask, attn_bias, scale, shift, ws)
+    total = np.empty(att.shape[:-1], dtype=dt)
+    for a, e in blocks:
+        total[..., a:e] = _exp_part(q[..., a:e, :], k[..., :e, :], att[..., a:e, :e],
+                                    mask[a:e, :e], None, scale, shift, ws)
+    return total
+
+
+def _exp_part(q, k, att, mask, attn_bias, scale: float, shift: bool, ws: Workspace):
+    """att = exp(scale * (q k^T + mask + bias - [row max])) for these rows and keys."""
+    xp, dt = ws.xp, att.dtype
     matmul(q, k.swapaxes(-1, -2), out=att)
-    if causal:
-        att += causal_bias(ws, att.shape[-2], att.shape[-1], dt)
+    if mask is not None:
+        att += mask
     if attn_bias is not None:
         att += attn_bias
     if shift:
@@ -169,25 +180,6 @@ def _exp_scores(q, k, att, causal: bool, scale: float, attn_bias, ws: Workspace,
         att *= dt.type(scale)
     xp.exp(att, out=att)
     return xp.matmul(att, ones(ws, att.shape[-1], dt))
-
-
-def _exp_score_blocks(q, k, att, scale: float, ws: Workspace, shift: bool, blocks):
-    """``_exp_scores`` of causal self-attention, a row block at a time (``causal_blocks``)."""
-    dt = att.dtype
-    tq = att.shape[-2]
-    mask = causal_bias(ws, tq, tq, dt)
-    total = np.empty(att.shape[:-1], dtype=dt)
-    for a, e in blocks:
-        part = att[..., a:e, :e]
-        matmul(q[..., a:e, :], k[..., :e, :].swapaxes(-1, -2), out=part)
-        part += mask[a:e, :e]
-        if shift:
-            part -= part.max(axis=-1, keepdims=True)
-        if scale != 1.0:
-            part *= dt.type(scale)
-        np.exp(part, out=part)
-        np.matmul(part, ones(ws, e, dt), out=total[..., a:e])
-    return total
 
 
 def attention_backward(dy, cache, dq=None, dk=None, dv=None, ws: Optional[Workspace] = None,
