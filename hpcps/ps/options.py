@@ -76,12 +76,17 @@ def check_options(cfg, roles) -> None:
     landing_slots(cfg, mode, roles.n_pushers)
 
 
+def takes_turns(cfg, mode: str) -> bool:
+    """Whether the pushes of a step take turns in the receive slots (``hpcps.ps.ring``):
+    bsp without backup workers. asp and ssp apply each slot on its own and bsp's backup
+    workers leave late pushes in theirs, so those keep one slot per pusher."""
+    return mode == "bsp" and not cfg.ps.backup_workers
+
+
 def landing_slots(cfg, mode: str, n_pushers: int) -> int:
     """k, the receive slots of each server shard (``ps.slots``): at most one per pusher;
-    fewer only in bsp without backup workers, where a step's pushes take turns in them
-    (``hpcps.ps.ring``). asp and ssp apply each slot on its own and bsp's backup workers
-    leave late pushes in theirs, so those keep one slot per pusher."""
-    turns = mode == "bsp" and not cfg.ps.backup_workers
+    fewer only where pushes take turns (``takes_turns``)."""
+    turns = takes_turns(cfg, mode)
     requested = cfg.ps.slots
     if requested == AUTO:
         return min(n_pushers, AUTO_SLOTS) if turns else n_pushers

@@ -13,7 +13,7 @@ from typing import Optional
 from hpcps.ps import control as C
 from hpcps.ps.codec import ShardCodec
 from hpcps.ps.fragments import FragmentCodec, fragment_ranges, within
-from hpcps.ps.options import landing_slots
+from hpcps.ps.options import landing_slots, takes_turns
 from hpcps.ps.ring import SlotRing
 from hpcps.ps.roles import Roles
 from hpcps.ps.sharding import shard_ranges
@@ -43,8 +43,7 @@ class ShardSet:
         codecs = [ShardCodec(layout, lo, hi, cfg.ps.compression, cfg.ps.topk_ratio,
                              cfg.ps.sparse_embedding) for lo, hi in ranges]
         n_slots = landing_slots(cfg, roles.mode, roles.n_pushers)
-        ring = (SlotRing(n_slots, roles.n_pushers)
-                if roles.mode == "bsp" and not cfg.ps.backup_workers else None)
+        ring = SlotRing(n_slots, roles.n_pushers) if takes_turns(cfg, roles.mode) else None
         wins = PSWindows(roles.comm, roles, ranges, [c.max_payload_bytes for c in codecs],
                          n_slots)
         fragments = fragment_codecs = None

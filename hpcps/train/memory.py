@@ -19,7 +19,7 @@ from typing import Optional
 
 from hpcps.errors import UserError
 from hpcps.ps.memory import server_bytes, shard_sizes, slot_strides, worker_bytes
-from hpcps.ps.options import landing_slots
+from hpcps.ps.options import landing_slots, takes_turns
 from hpcps.ps.roles import PS_MODES
 from hpcps.runtime.memory import gib, node_memory, peak_rss_bytes, rss_bytes
 
@@ -157,8 +157,7 @@ def fitting_settings(cfg, job: JobShape, workload, estimates: list, memory: dict
                     ok(estimate_job(cfg, job, workload, baselines, recompute=mode)):
                 fits.append(f"train.recompute={mode}")
                 break
-    if job.mode == "bsp" and not cfg.ps.backup_workers and \
-            landing_slots(cfg, job.mode, job.n_pushers) > 1:
+    if takes_turns(cfg, job.mode) and landing_slots(cfg, job.mode, job.n_pushers) > 1:
         if ok(estimate_job(cfg.replace(ps__slots=1), job, workload, baselines)):
             fits.append("ps.slots=1")
     if job.mode in PS_MODES and job.hierarchy != "node" and len(set(job.node_of)) < len(job.workers):
